@@ -1,0 +1,20 @@
+"""DiMR-G/3R on ImageNet 512 (latent 4x64x64). G/2R + a 288-d ConvNeXt branch at 64x64: the third branch is ours (no G/3R was released).
+
+Train:   python -m dimr_jax.main --config=configs/dimr_g_512.py --workdir=gs://BUCKET/dimr_g_512
+Debug:   python -m dimr_jax.main --config=configs/dimr_g_512.py:runlocal --workdir=/tmp/dimr_g_512
+Summary: python -m dimr_jax.tools.summary --config=configs/dimr_g_512.py
+"""
+from dimr_jax import config_base
+
+
+def get_config(arg=None):
+  config = config_base.base(variant="G/3R", image_size=64)
+  if arg == "runlocal":  # same model, tiny batch, frequent logs: checks a real size compiles and steps
+    config.input.dataset = "synthetic"
+    config.input.batch_size = 8
+    config.total_steps = 10
+    config.log_every = 2
+    config.ckpt_every = 5
+    config.sample_every = 0
+    config.evals.fid_every = 0
+  return config

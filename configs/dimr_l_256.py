@@ -1,0 +1,20 @@
+"""DiMR-L/2R on ImageNet 256 (latent 4x32x32). Size L is ours (not in the paper): 768-d Transformer x25 + 384-d ConvNeXt x21.
+
+Train:   python -m dimr_jax.main --config=configs/dimr_l_256.py --workdir=gs://BUCKET/dimr_l_256
+Debug:   python -m dimr_jax.main --config=configs/dimr_l_256.py:runlocal --workdir=/tmp/dimr_l_256
+Summary: python -m dimr_jax.tools.summary --config=configs/dimr_l_256.py
+"""
+from dimr_jax import config_base
+
+
+def get_config(arg=None):
+  config = config_base.base(variant="L/2R", image_size=32)
+  if arg == "runlocal":  # same model, tiny batch, frequent logs: checks a real size compiles and steps
+    config.input.dataset = "synthetic"
+    config.input.batch_size = 8
+    config.total_steps = 10
+    config.log_every = 2
+    config.ckpt_every = 5
+    config.sample_every = 0
+    config.evals.fid_every = 0
+  return config

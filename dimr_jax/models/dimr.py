@@ -1,0 +1,356 @@
+"""The DiMR multi-resolution network (Liu et al., NeurIPS 2024) in Flax NNX.
+
+Layout of a model (see ``../shared/docs/dimr_spec.md`` section 2 for the official forward):
+  stages, lowest resolution first. Every stage reads the *same* noisy input x_t through its own patch
+  conv, adds a learned position embedding and (above the lowest stage) the upsampled features of the
+  stage below, runs a U-ViT style stack (first half -> mid -> second half with long skips), and emits
+  one noise prediction at its own resolution. The features handed upwards are the concatenation of
+  the stage input and every block output (38,400 channels for XL).
+
+Blocks of a stage are *stacked* (created with ``nnx.vmap``) and run with ``jax.lax.scan``: compile
+time stays flat in depth (a 57-block G stage compiles as fast as a 3-block one) and rematerialisation
+is one ``jax.checkpoint`` around the scan body. The official per-block module names are recovered
+by :mod:`dimr_jax.convert` (block i < n//2 -> ``in_blocks[i]``, i == n//2 -> ``mid_block``, else
+``out_blocks[i-n//2-1]`` together with ``skip_denses[i-n//2-1]``).
+
+Sizes: :func:`decode_variant` is the size table (``'XL/2R'``, ``'G/2R'``, ``'XL/3R'``, ... ``'mu/2R'``).
+XL/2R and G/2R are exactly the released configs; XL/3R is the spec's inferred 512 config; S, M, L and
+the G/3R config are ours (scaled width/depth, documented in ``_SIZES``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dimr_jax.models import layers
+
+Array = jax.Array
+
+# ----------------------------------------------------------------------------------------------
+# Size table.
+# Each size: the Transformer (lowest) branch (dim, heads, num_blocks) and the ConvNeXt branches'
+# (dim, num_blocks) from low to high resolution; GLU hidden = 2*dim everywhere, dw kernel 7.
+# XL and G are the released configs; XL's third branch is the spec's inferred 512 branch.
+# S, M, L (and every size's third branch except XL's) are OUR choices: width and depth scaled
+# between U-ViT/DiT-like sizes, keeping head_dim 64 and the ConvNeXt width at half the Transformer's.
+# ----------------------------------------------------------------------------------------------
+_SIZES = {
+    # name: (t_dim, t_heads, t_blocks, [(c_dim, c_blocks) for each ConvNeXt branch, low to high])
+    "mu": (32, 2, 1, [(16, 1), (8, 1)]),            # tests only
+    "S": (384, 6, 13, [(192, 12), (96, 12)]),        # ours
+    "M": (512, 8, 17, [(256, 16), (128, 16)]),       # ours
+    "L": (768, 12, 25, [(384, 20), (192, 20)]),      # ours
+    "XL": (960, 16, 39, [(480, 20), (240, 20)]),     # released (2R); 3R inferred in spec 1.2
+    "G": (1152, 16, 57, [(576, 29), (288, 29)]),     # released (2R); 3R branch ours
+}
+
+VARIANTS = tuple(f"{s}/{r}R" for s in _SIZES for r in (1, 2, 3))
+
+
+def decode_variant(variant: str, *, image_size: int | None = None, channels: int = 4,
+                   num_classes: int = 1001, norm_type: str = "TDRMSN",
+                   block_grad_to_lowres: bool = False) -> dict:
+  """Returns the model spec in the official layout for e.g. ``'XL/2R'``.
+
+  ``image_size`` is the (latent) input width: 32 for ImageNet 256 (2R), 64 for 512 (3R). The
+  lowest stage always runs at image_size / 2^(R-1) ... with patch size 2^(R-1-r) for branch r
+  (Transformer 16x16 tokens for both released configs).
+  """
+  try:
+    size, res = variant.split("/")
+    num_res = int(res.rstrip("R"))
+    if not res.endswith("R") or size not in _SIZES or not 1 <= num_res <= 3:
+      raise ValueError
+  except ValueError:
+    raise ValueError(f"unknown DiMR variant {variant!r}; known: {', '.join(VARIANTS)}") from None
+  t_dim, t_heads, t_blocks, conv = _SIZES[size]
+  if image_size is None:
+    image_size = 16 * 2 ** (num_res - 1)
+  stage_specs = []
+  dims = [(t_dim, t_blocks)] + conv[: num_res - 1]
+  for r, (dim, blocks) in enumerate(dims):
+    ratio = 2 ** (num_res - 1 - r)
+    if image_size % ratio:
+      raise ValueError(f"image_size {image_size} is not divisible by the patch size {ratio} of {variant}")
+    side = image_size // ratio
+    spec = dict(dim=dim, hidden_dim=2 * dim, num_blocks=blocks, max_height=side, max_width=side,
+                image_input_ratio=1, input_feature_ratio=ratio, final_kernel_size=3, dropout_prob=0)
+    if r == 0:
+      spec.update(block_type="TransformerBlock", num_attention_heads=t_heads)
+    else:
+      spec.update(block_type="ConvNeXtBlock", kernel_size=7)
+    stage_specs.append(spec)
+  return dict(channels=channels, num_classes=num_classes, norm_type=norm_type,
+              block_grad_to_lowres=block_grad_to_lowres, stage_configs=stage_specs)
+
+
+_STAGE_KEYS = {"block_type", "dim", "hidden_dim", "num_attention_heads", "kernel_size", "num_blocks",
+               "max_height", "max_width", "image_input_ratio", "input_feature_ratio",
+               "final_kernel_size", "dropout_prob", "num_classes", "pe_type", "norm_type"}
+
+
+def _to_dict(c: Any) -> Any:
+  if hasattr(c, "to_dict"):
+    return c.to_dict()
+  if isinstance(c, Mapping):
+    return {k: _to_dict(v) for k, v in c.items()}
+  if isinstance(c, (list, tuple)):
+    return [_to_dict(v) for v in c]
+  return c
+
+
+def model_spec_from_config(config: Any) -> dict:
+  """Normalises a model config into the official layout dict.
+
+  Accepts either the official layout (``stage_configs`` present) or our config section with
+  ``variant`` (+ optional ``image_size``, ``channels``, ``num_classes``, ``norm_type``,
+  ``block_grad_to_lowres``). Unknown stage keys and bad values raise ValueError.
+  """
+  c = _to_dict(config)
+  if not isinstance(c, Mapping):
+    raise TypeError(f"model config must be a mapping, got {type(config).__name__}")
+  if c.get("stage_configs"):
+    spec = copy.deepcopy(dict(c))
+  elif c.get("variant"):
+    spec = decode_variant(
+        c["variant"], image_size=c.get("image_size"), channels=c.get("channels", 4),
+        num_classes=c.get("num_classes", 1001), norm_type=c.get("norm_type", "TDRMSN"),
+        block_grad_to_lowres=c.get("block_grad_to_lowres", False))
+  else:
+    raise ValueError("model config needs either 'variant' (e.g. 'XL/2R') or 'stage_configs'")
+  spec.setdefault("channels", 4)
+  spec.setdefault("num_classes", 1001)
+  spec.setdefault("norm_type", "TDRMSN")
+  spec.setdefault("block_grad_to_lowres", False)
+  if spec["norm_type"] not in layers.NORM_TYPES:
+    layers.make_norm(spec["norm_type"], 1)  # raises the clear error
+  for i, s in enumerate(spec["stage_configs"]):
+    unknown = set(s) - _STAGE_KEYS
+    if unknown:
+      raise ValueError(f"stage_configs[{i}] has unknown keys {sorted(unknown)}")
+    if s["block_type"] not in ("TransformerBlock", "ConvNeXtBlock"):
+      raise ValueError(f"stage_configs[{i}].block_type {s['block_type']!r} must be "
+                       "'TransformerBlock' or 'ConvNeXtBlock'")
+    if s.get("pe_type", "APE") != "APE":
+      raise ValueError(f"stage_configs[{i}].pe_type {s['pe_type']!r}: only 'APE' (learned absolute) "
+                       "is supported; no released DiMR config uses Axial_RoPE")
+    if s.get("dropout_prob", 0):
+      raise ValueError(f"stage_configs[{i}].dropout_prob must be 0 (all released configs use 0)")
+  return spec
+
+
+def num_built_blocks(num_blocks: int) -> int:
+  """The official stage builds num_blocks//2*2+1 blocks (an even count gets one extra)."""
+  return num_blocks // 2 * 2 + 1
+
+
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+def _remat_policy(name: str):
+  if name == "none":
+    return None
+  if name == "block":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
+
+
+def _make_block(s: dict, norm_type: str, dtype, attention_impl, rngs: nnx.Rngs) -> nnx.Module:
+  if s["block_type"] == "TransformerBlock":
+    return layers.TransformerBlock(s["dim"], s["hidden_dim"], s["num_attention_heads"], norm_type,
+                                   dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+  return layers.ConvNeXtBlock(s["dim"], s["hidden_dim"], s.get("kernel_size", 7), norm_type,
+                              dtype=dtype, rngs=rngs)
+
+
+def _stacked_blocks(n: int, make, rngs: nnx.Rngs):
+  """Creates n identical blocks with stacked parameters (leading axis n) and independent inits."""
+  if n == 0:
+    return None
+  keys = jax.random.split(rngs.params(), n)
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(key):
+    return make(nnx.Rngs(params=key))
+
+  return create(keys)
+
+
+class PixelShuffleUpsample(nnx.Module):
+  """TD-LN(C_low) -> Linear(C_low -> r*r*dim) -> pixel shuffle x r -> TD-LN(dim).
+
+  Official names: ``upsample.0`` (norm in), ``upsample.1.kernel`` (Linear), ``upsample.2`` (norm out).
+  """
+
+  def __init__(self, c_low: int, dim: int, ratio: int, *, dtype, rngs: nnx.Rngs):
+    self.norm_in = layers.TDLayerNorm(c_low)
+    self.linear = layers.Dense(c_low, dim * ratio * ratio, dtype=dtype, rngs=rngs)
+    self.norm_out = layers.TDLayerNorm(dim)
+    self.ratio = ratio
+
+  def __call__(self, feats: Array, tau: Array) -> Array:
+    h = self.linear(self.norm_in(feats, tau))
+    return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
+
+
+class Stage(nnx.Module):
+  """One resolution branch (official ``Stage``)."""
+
+  def __init__(self, s: dict, *, channels: int, num_classes: int, norm_type: str, lowres_dim: int | None,
+               lowres_side: int | None, dtype, remat: str, attention_impl: str | None, rngs: nnx.Rngs):
+    dim = s["dim"]
+    self.is_transformer = s["block_type"] == "TransformerBlock"
+    self.image_input_ratio = s.get("image_input_ratio", 1)
+    self.max_height, self.max_width = s["max_height"], s["max_width"]
+    self.dtype = dtype
+    self.remat = remat
+    ratio = s["input_feature_ratio"]
+    self.patch = layers.Conv(channels, dim, ratio, stride=ratio, dtype=dtype, rngs=rngs)
+    self.pos_emb = nnx.Param(layers.linear_init(rngs.params(), (self.max_height * self.max_width, dim)))
+    self.class_emb = (nnx.Param(layers.linear_init(rngs.params(), (num_classes, dim)))
+                      if self.is_transformer else None)
+    if lowres_dim is not None:
+      up_ratio = self.max_height // lowres_side
+      self.upsample = PixelShuffleUpsample(lowres_dim, dim, up_ratio, dtype=dtype, rngs=rngs)
+    else:
+      self.upsample = None
+    n = num_built_blocks(s["num_blocks"])
+    half = n // 2
+    self.num_blocks = n
+    make = lambda r: _make_block(s, norm_type, dtype, attention_impl, r)  # noqa: E731
+    self.in_blocks = _stacked_blocks(half, make, rngs)
+    self.mid_block = make(rngs)
+    self.out_blocks = _stacked_blocks(half, make, rngs)
+    self.skip_denses = _stacked_blocks(
+        half, lambda r: layers.Dense(2 * dim, dim, dtype=dtype, rngs=r), rngs)
+    self.out_norm = layers.TDLayerNorm(dim)
+    k = s.get("final_kernel_size", 3)
+    self.out_conv = layers.Conv(dim, channels, k, padding=((k // 2, k // 2),) * 2, dtype=dtype, rngs=rngs)
+
+  @property
+  def feature_dim(self) -> int:
+    """Width of the features handed to the next stage: dim * (blocks + 1)."""
+    return self.pos_emb.shape[-1] * (self.num_blocks + 1)
+
+  def _scan(self, body, blocks, h, xs):
+    policy = _remat_policy(self.remat)
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, h, xs)
+
+  def __call__(self, x: Array, y: Array, tau: Array, lowres_feats: Array | None):
+    h = layers.area_downsample(x, self.image_input_ratio)
+    h = self.patch(h)
+    b, hh, ww, d = h.shape
+    pos = self.pos_emb[...].reshape(self.max_height, self.max_width, d)[:hh, :ww]
+    h = h + pos.astype(h.dtype)
+    if self.upsample is not None:
+      if lowres_feats is None:
+        raise ValueError("a stage with an upsampler needs the lower stage's features")
+      h = h + self.upsample(lowres_feats, tau).astype(h.dtype)
+    if self.is_transformer:
+      cls = jnp.take(self.class_emb[...], y, axis=0).astype(h.dtype)
+      h = jnp.concatenate([cls[:, None], h.reshape(b, hh * ww, d)], axis=1)
+
+    ext = [h[None]]
+    skips = None
+    if self.in_blocks is not None:
+      gdef, st = nnx.split(self.in_blocks)
+
+      def in_body(carry, p):
+        out = nnx.merge(gdef, p)(carry, tau)
+        return out, out
+
+      h, skips = self._scan(in_body, self.in_blocks, h, st)
+      ext.append(skips)
+    h = self.mid_block(h, tau)
+    ext.append(h[None])
+    if self.out_blocks is not None:
+      gdef_b, st_b = nnx.split(self.out_blocks)
+      gdef_s, st_s = nnx.split(self.skip_denses)
+
+      def out_body(carry, xs):
+        pb, ps, skip = xs
+        hcat = jnp.concatenate([carry, skip], axis=-1)
+        out = nnx.merge(gdef_b, pb)(nnx.merge(gdef_s, ps)(hcat), tau)
+        return out, out
+
+      h, outs = self._scan(out_body, self.out_blocks, h, (st_b, st_s, skips[::-1]))
+      ext.append(outs)
+
+    ext = jnp.concatenate(ext, axis=0)  # (n+1, B, ..., d), in official order
+    if self.is_transformer:
+      h = h[:, 1:].reshape(b, hh, ww, d)
+      ext = ext[:, :, 1:].reshape(ext.shape[0], b, hh, ww, d)
+    # (L, B, H, W, d) -> (B, H, W, L*d): channel index = l*d + c, as torch.cat(ext, -1).
+    feats = jnp.moveaxis(ext, 0, -2).reshape(b, hh, ww, -1)
+    out = self.out_conv(self.out_norm(h, tau))
+    return out, feats
+
+
+class DiMR(nnx.Module):
+  """Multi-resolution diffusion network; ``__call__(x, time_in, y)`` -> list of eps, low-res first.
+
+  Args:
+    spec: model spec in the official layout (see :func:`model_spec_from_config`).
+    dtype: compute dtype (params stay float32).
+    remat: 'none' | 'block' (recompute every block in backward) | 'dots' (save matmul outputs).
+    attention_impl: passed to ``jax.nn.dot_product_attention`` (None: let JAX choose; 'cudnn').
+  """
+
+  def __init__(self, spec: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: str = "none",
+               attention_impl: str | None = None, rngs: nnx.Rngs):
+    spec = model_spec_from_config(spec)
+    _remat_policy(remat)  # validate early
+    self.spec = spec
+    self.block_grad_to_lowres = bool(spec["block_grad_to_lowres"])
+    self.num_classes = spec["num_classes"]
+    self.channels = spec["channels"]
+    stages = []
+    lowres_dim = lowres_side = None
+    for s in spec["stage_configs"]:
+      st = Stage(s, channels=spec["channels"], num_classes=spec["num_classes"],
+                 norm_type=spec["norm_type"], lowres_dim=lowres_dim, lowres_side=lowres_side,
+                 dtype=dtype, remat=remat, attention_impl=attention_impl, rngs=rngs)
+      stages.append(st)
+      lowres_dim = s["dim"] * (num_built_blocks(s["num_blocks"]) + 1)
+      lowres_side = s["max_height"]
+    self.stages = nnx.List(stages) if hasattr(nnx, "List") else stages
+
+  def __call__(self, x: Array, time_in: Array, y: Array) -> list[Array]:
+    """x: (B,H,W,C) noisy input; time_in: (B,) or scalar, = n/1000*8-4; y: (B,) int labels."""
+    if x.ndim != 4 or x.shape[-1] != self.channels:
+      raise ValueError(f"expected NHWC input with {self.channels} channels, got shape {x.shape}")
+    tau = layers.time_gate_input(time_in)
+    y = jnp.asarray(y, jnp.int32)
+    feats, outs = None, []
+    for stage in self.stages:
+      out, feats = stage(x, y, tau, feats)
+      if self.block_grad_to_lowres:
+        feats = jax.lax.stop_gradient(feats)
+      outs.append(out.astype(jnp.float32))
+    return outs
+
+
+def create_model(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, remat: str = "none",
+                 attention_impl: str | None = None) -> DiMR:
+  """Builds a DiMR from a config section (``variant`` or official ``stage_configs`` layout)."""
+  return DiMR(model_spec_from_config(config), dtype=dtype, remat=remat,
+              attention_impl=attention_impl, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: Any, **kw) -> DiMR:
+  """Shape-only model (no memory): ``nnx.eval_shape`` of :func:`create_model`."""
+  return nnx.eval_shape(lambda: create_model(config, **kw))
+
+
+def count_params(model: nnx.Module) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,264 @@
+"""Building blocks of DiMR in Flax NNX: time-dependent parameters, norms, GEGLU MLP, attention, blocks.
+
+Everything is NHWC / (B, N, C) channels-last. Parameters are float32; ``dtype`` is the compute dtype
+(bf16 on accelerators). Norm statistics are always computed in float32 and cast back, which costs
+nothing measurable and keeps the bf16 path within ~1e-2 of float32.
+
+Time enters DiMR *only* through :class:`TimeDependentParameter` (TDP): every TD norm holds two end
+points ``param0``/``param1`` and a per-element sigmoid gate. The gate's weight/bias are named
+``nodecay_weight``/``nodecay_bias`` exactly as in the official code, because weight decay masks and
+the checkpoint converter key on those names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# PyTorch's default Linear/Conv init and the official trunc_normal(0.02) with absolute bounds +-2
+# (effectively an untruncated normal at std 0.02).
+linear_init = nnx.initializers.normal(0.02)
+conv_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias_init(fan_in: int):
+  """PyTorch Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def time_gate_input(time_in: Array) -> Array:
+  """The official TDP time variable: tau = time_in / 4 with time_in = n/1000*8-4, shape (B, 1)."""
+  t = jnp.asarray(time_in, jnp.float32)
+  t = jnp.reshape(t, (-1, 1))
+  return t / 4.0
+
+
+class TimeDependentParameter(nnx.Module):
+  """``value(tau) = param1 + sigmoid(tau*(1+nodecay_weight) + nodecay_bias) * (param0 - param1)``.
+
+  The official init sets param0 == param1 == ``init_value`` and the gate to zero, so a fresh model
+  does not depend on time at all; training moves the end points apart.
+  """
+
+  def __init__(self, dim: int, init_value: float):
+    self.param0 = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+    self.param1 = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+    self.nodecay_weight = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.nodecay_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+  def __call__(self, tau: Array) -> Array:
+    """tau: (B, 1) -> value (B, dim), float32."""
+    gate = jax.nn.sigmoid(tau * (1.0 + self.nodecay_weight[...]) + self.nodecay_bias[...])
+    p0, p1 = self.param0[...], self.param1[...]
+    return p1 + gate * (p0 - p1)
+
+
+def _bcast(v: Array, x: Array) -> Array:
+  """(B, C) -> (B, 1, ..., 1, C) to broadcast against x of rank >= 2."""
+  return v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:])
+
+
+def _rms_normalize(x: Array) -> Array:
+  """x / (||x||_2 / sqrt(d) + 1e-8), eps added to the RMS (outside the sqrt) as the official code."""
+  xf = x.astype(jnp.float32)
+  rms = jnp.sqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True))
+  return xf / (rms + 1e-8)
+
+
+def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  return (xf - mean) * jax.lax.rsqrt(var + eps)
+
+
+class TDRMSNorm(nnx.Module):
+  """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift."""
+
+  def __init__(self, dim: int):
+    self.scale = TimeDependentParameter(dim, 1.0)
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    return (_rms_normalize(x) * _bcast(self.scale(tau), x)).astype(x.dtype)
+
+
+class TDLayerNorm(nnx.Module):
+  """Time-dependent LayerNorm (the paper's TD-LN, official ``LayerNorm`` in sigmoid/module.py).
+
+  gamma(t) and beta(t) are TDPs named ``weight``/``bias`` as in the official state dict.
+  """
+
+  def __init__(self, dim: int):
+    self.weight = TimeDependentParameter(dim, 1.0)
+    self.bias = TimeDependentParameter(dim, 0.0)
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    y = _layer_normalize(x) * _bcast(self.weight(tau), x) + _bcast(self.bias(tau), x)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Plain RMSNorm with a learned scale (``norm_type='RMSN'`` ablation: no time input)."""
+
+  def __init__(self, dim: int):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    del tau
+    return (_rms_normalize(x) * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Plain LayerNorm with learned gamma/beta (``norm_type='PLAIN_LN'`` ablation: no time input)."""
+
+  def __init__(self, dim: int):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    del tau
+    return (_layer_normalize(x) * self.weight[...] + self.bias[...]).astype(x.dtype)
+
+
+NORM_TYPES = {"TDRMSN": TDRMSNorm, "LN": TDLayerNorm, "RMSN": RMSNorm, "PLAIN_LN": LayerNorm}
+
+
+def make_norm(norm_type: str, dim: int) -> nnx.Module:
+  if norm_type not in NORM_TYPES:
+    raise ValueError(
+        f"unknown norm_type {norm_type!r}; choose one of {sorted(NORM_TYPES)} "
+        "('TDRMSN' is the released DiMR choice, 'LN' the paper's TD-LayerNorm)")
+  return NORM_TYPES[norm_type](dim)
+
+
+class Dense(nnx.Module):
+  """Linear layer with the official init (normal(0.02) weight, zero bias), kernel (in, out)."""
+
+  def __init__(self, din: int, dout: int, *, use_bias: bool = True, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    self.kernel = nnx.Param(linear_init(rngs.params(), (din, dout), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Conv(nnx.Module):
+  """2-D conv (NHWC) with PyTorch's default init; kernel (kh, kw, in/groups, out)."""
+
+  def __init__(self, din: int, dout: int, kernel_size: int, *, stride: int = 1, padding: Any = "VALID",
+               groups: int = 1, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    fan_in = din // groups * kernel_size * kernel_size
+    self.kernel = nnx.Param(conv_kernel_init(
+        rngs.params(), (kernel_size, kernel_size, din // groups, dout), jnp.float32))
+    self.bias = nnx.Param(torch_conv_bias_init(fan_in)(rngs.params(), (dout,), jnp.float32))
+    self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
+
+  def __call__(self, x: Array) -> Array:
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
+        preferred_element_type=jnp.float32)
+    return (y + self.bias[...]).astype(self.dtype)
+
+
+class GegluMLP(nnx.Module):
+  """Pre-norm GEGLU: ``w2(gelu_exact(w0(n(x))) * w1(n(x)))``, one norm shared by w0 and w1."""
+
+  def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs):
+    self.norm = make_norm(norm_type, dim)
+    self.w0 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
+    self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
+    self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    h = self.norm(x, tau)
+    return self.w2(jax.nn.gelu(self.w0(h), approximate=False) * self.w1(h))
+
+
+class Attention(nnx.Module):
+  """Pre-norm multi-head self-attention with the official fused qkv layout.
+
+  ``query_key_value`` output channels are ordered [q of all heads | k of all heads | v of all heads],
+  head i using channels i*hd:(i+1)*hd within each third. No mask; scale hd**-0.5; the class token
+  is attended like any other token.
+  """
+
+  def __init__(self, dim: int, num_heads: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
+               attention_impl: str | None = None):
+    if dim % num_heads:
+      raise ValueError(f"dim {dim} is not divisible by num_attention_heads {num_heads}")
+    self.norm = make_norm(norm_type, dim)
+    self.query_key_value = Dense(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+    self.dense = Dense(dim, dim, dtype=dtype, rngs=rngs)
+    self.num_heads = num_heads
+    self.attention_impl = attention_impl
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    b, n, d = x.shape
+    hd = d // self.num_heads
+    qkv = self.query_key_value(self.norm(x, tau)).reshape(b, n, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return self.dense(o.reshape(b, n, d))
+
+
+class TransformerBlock(nnx.Module):
+  """``x + Attn(x)`` then ``x + MLP(x)`` (official names block1 / block2)."""
+
+  def __init__(self, dim: int, hidden: int, num_heads: int, norm_type: str, *, dtype: Any,
+               rngs: nnx.Rngs, attention_impl: str | None = None):
+    self.block1 = Attention(dim, num_heads, norm_type, dtype=dtype, rngs=rngs,
+                            attention_impl=attention_impl)
+    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    x = x + self.block1(x, tau)
+    return x + self.block2(x, tau)
+
+
+class ConvNeXtBlock(nnx.Module):
+  """DiMR's ConvNeXt variant: ``x + dwconv(x)`` (no norm, no activation), then ``x + MLP(x)``."""
+
+  def __init__(self, dim: int, hidden: int, kernel_size: int, norm_type: str, *, dtype: Any,
+               rngs: nnx.Rngs):
+    pad = kernel_size // 2
+    self.block1 = Conv(dim, dim, kernel_size, padding=((pad, pad), (pad, pad)), groups=dim,
+                       dtype=dtype, rngs=rngs)
+    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, tau: Array) -> Array:
+    x = x + self.block1(x)
+    return x + self.block2(x, tau)
+
+
+def pixel_shuffle(x: Array, r: int) -> Array:
+  """(B,H,W,r*r*C) -> (B,H*r,W*r,C) with channel index (i*r+j)*C + c (NOT torch.nn.PixelShuffle)."""
+  b, h, w, c = x.shape
+  c_out = c // (r * r)
+  x = x.reshape(b, h, w, r, r, c_out).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * r, w * r, c_out)
+
+
+def area_downsample(x: Array, r: int) -> Array:
+  """F.interpolate(mode='area') by an integer factor: r x r average pooling."""
+  if r == 1:
+    return x
+  b, h, w, c = x.shape
+  return x.reshape(b, h // r, r, w // r, r, c).mean(axis=(2, 4))
