@@ -28,7 +28,7 @@ def base(variant: str = "XL/2R", image_size: int = 32, *, dataset: str = "imagen
       num_classes=num_classes,         # including the null class (the last index)
       norm_type="TDRMSN",              # 'TDRMSN' (released) | 'LN' (paper's TD-LN) | 'RMSN' | 'PLAIN_LN'
       block_grad_to_lowres=False,
-      dtype="bfloat16",                # compute dtype; params/optimizer stay float32. CPU runs use float32.
+      dtype="auto",                    # compute dtype: 'auto' = bf16 on GPU/TPU, f32 on CPU; params stay f32
       remat="none",                    # 'none' | 'block' | 'dots'
       attention_impl="",               # '' lets JAX choose; 'cudnn' | 'xla'
   ))

@@ -20,6 +20,7 @@ the G/3R config are ours (scaled width/depth, documented in ``_SIZES``).
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -43,6 +44,7 @@ Array = jax.Array
 _SIZES = {
     # name: (t_dim, t_heads, t_blocks, [(c_dim, c_blocks) for each ConvNeXt branch, low to high])
     "mu": (32, 2, 1, [(16, 1), (8, 1)]),            # tests only
+    "T": (64, 4, 5, [(32, 4), (16, 4)]),             # ours: the embedded digits / MNIST default
     "S": (384, 6, 13, [(192, 12), (96, 12)]),        # ours
     "M": (512, 8, 17, [(256, 16), (128, 16)]),       # ours
     "L": (768, 12, 25, [(384, 20), (192, 20)]),      # ours
@@ -205,13 +207,15 @@ class Stage(nnx.Module):
   """One resolution branch (official ``Stage``)."""
 
   def __init__(self, s: dict, *, channels: int, num_classes: int, norm_type: str, lowres_dim: int | None,
-               lowres_side: int | None, dtype, remat: str, attention_impl: str | None, rngs: nnx.Rngs):
+               lowres_side: int | None, dtype, remat: str, attention_impl: str | None,
+               scan_unroll: int | bool | None = None, rngs: nnx.Rngs):
     dim = s["dim"]
     self.is_transformer = s["block_type"] == "TransformerBlock"
     self.image_input_ratio = s.get("image_input_ratio", 1)
     self.max_height, self.max_width = s["max_height"], s["max_width"]
     self.dtype = dtype
     self.remat = remat
+    self.scan_unroll = scan_unroll
     ratio = s["input_feature_ratio"]
     self.patch = layers.Conv(channels, dim, ratio, stride=ratio, dtype=dtype, rngs=rngs)
     self.pos_emb = nnx.Param(layers.linear_init(rngs.params(), (self.max_height * self.max_width, dim)))
@@ -244,7 +248,12 @@ class Stage(nnx.Module):
     policy = _remat_policy(self.remat)
     if self.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, h, xs)
+    # XLA:CPU runs a depthwise-conv gradient inside a while loop ~15x slower than unrolled
+    # (measured on the digits model), so CPU unrolls; accelerators keep the compact loop.
+    unroll = self.scan_unroll
+    if unroll is None:
+      unroll = True if jax.default_backend() == "cpu" else 1
+    return jax.lax.scan(body, h, xs, unroll=unroll)
 
   def __call__(self, x: Array, y: Array, tau: Array, lowres_feats: Array | None):
     h = layers.area_downsample(x, self.image_input_ratio)
@@ -304,13 +313,17 @@ class DiMR(nnx.Module):
     dtype: compute dtype (params stay float32).
     remat: 'none' | 'block' (recompute every block in backward) | 'dots' (save matmul outputs).
     attention_impl: passed to ``jax.nn.dot_product_attention`` (None: let JAX choose; 'cudnn').
+    scan_unroll: ``unroll`` of the per-stage block scans; None = fully unrolled on CPU, a rolled
+      loop elsewhere (short compiles for deep models on accelerators).
   """
 
   def __init__(self, spec: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: str = "none",
-               attention_impl: str | None = None, rngs: nnx.Rngs):
+               attention_impl: str | None = None, scan_unroll: int | bool | None = None,
+               rngs: nnx.Rngs):
     spec = model_spec_from_config(spec)
     _remat_policy(remat)  # validate early
-    self.spec = spec
+    # Stored as a JSON string: graph definitions must hash (jit static args), dicts do not.
+    self.spec_json = json.dumps(spec, sort_keys=True)
     self.block_grad_to_lowres = bool(spec["block_grad_to_lowres"])
     self.num_classes = spec["num_classes"]
     self.channels = spec["channels"]
@@ -319,11 +332,17 @@ class DiMR(nnx.Module):
     for s in spec["stage_configs"]:
       st = Stage(s, channels=spec["channels"], num_classes=spec["num_classes"],
                  norm_type=spec["norm_type"], lowres_dim=lowres_dim, lowres_side=lowres_side,
-                 dtype=dtype, remat=remat, attention_impl=attention_impl, rngs=rngs)
+                 dtype=dtype, remat=remat, attention_impl=attention_impl,
+                 scan_unroll=scan_unroll, rngs=rngs)
       stages.append(st)
       lowres_dim = s["dim"] * (num_built_blocks(s["num_blocks"]) + 1)
       lowres_side = s["max_height"]
     self.stages = nnx.List(stages) if hasattr(nnx, "List") else stages
+
+  @property
+  def spec(self) -> dict:
+    """The model spec in the official layout (see :func:`model_spec_from_config`)."""
+    return json.loads(self.spec_json)
 
   def __call__(self, x: Array, time_in: Array, y: Array) -> list[Array]:
     """x: (B,H,W,C) noisy input; time_in: (B,) or scalar, = n/1000*8-4; y: (B,) int labels."""

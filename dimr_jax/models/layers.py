@@ -82,6 +82,18 @@ def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
   return (xf - mean) * jax.lax.rsqrt(var + eps)
 
 
+# The norms are rematerialised: their float32 intermediates are cheap to recompute but would
+# otherwise be saved for the backward pass (several full-size f32 copies per block in bf16 training).
+@jax.checkpoint
+def _scaled_rms_norm(x: Array, scale: Array) -> Array:
+  return (_rms_normalize(x) * scale).astype(x.dtype)
+
+
+@jax.checkpoint
+def _affine_layer_norm(x: Array, weight: Array, bias: Array) -> Array:
+  return (_layer_normalize(x) * weight + bias).astype(x.dtype)
+
+
 class TDRMSNorm(nnx.Module):
   """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift."""
 
@@ -89,7 +101,7 @@ class TDRMSNorm(nnx.Module):
     self.scale = TimeDependentParameter(dim, 1.0)
 
   def __call__(self, x: Array, tau: Array) -> Array:
-    return (_rms_normalize(x) * _bcast(self.scale(tau), x)).astype(x.dtype)
+    return _scaled_rms_norm(x, _bcast(self.scale(tau), x))
 
 
 class TDLayerNorm(nnx.Module):
@@ -103,8 +115,7 @@ class TDLayerNorm(nnx.Module):
     self.bias = TimeDependentParameter(dim, 0.0)
 
   def __call__(self, x: Array, tau: Array) -> Array:
-    y = _layer_normalize(x) * _bcast(self.weight(tau), x) + _bcast(self.bias(tau), x)
-    return y.astype(x.dtype)
+    return _affine_layer_norm(x, _bcast(self.weight(tau), x), _bcast(self.bias(tau), x))
 
 
 class RMSNorm(nnx.Module):
@@ -115,7 +126,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: Array, tau: Array) -> Array:
     del tau
-    return (_rms_normalize(x) * self.scale[...]).astype(x.dtype)
+    return _scaled_rms_norm(x, self.scale[...])
 
 
 class LayerNorm(nnx.Module):
@@ -127,7 +138,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x: Array, tau: Array) -> Array:
     del tau
-    return (_layer_normalize(x) * self.weight[...] + self.bias[...]).astype(x.dtype)
+    return _affine_layer_norm(x, self.weight[...], self.bias[...])
 
 
 NORM_TYPES = {"TDRMSN": TDRMSNorm, "LN": TDLayerNorm, "RMSN": RMSNorm, "PLAIN_LN": LayerNorm}
@@ -141,6 +152,11 @@ def make_norm(norm_type: str, dim: int) -> nnx.Module:
   return NORM_TYPES[norm_type](dim)
 
 
+def _acc(dtype) -> Any:
+  """Result type of matmuls/convs: float32 for the exact float32 path, else the compute dtype."""
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
+
+
 class Dense(nnx.Module):
   """Linear layer with the official init (normal(0.02) weight, zero bias), kernel (in, out)."""
 
@@ -152,9 +168,10 @@ class Dense(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
-    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    # bf16 in, bf16 out (the MXU / tensor cores accumulate in f32 internally); f32 stays exact.
+    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=_acc(self.dtype))
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + self.bias[...].astype(y.dtype)
     return y.astype(self.dtype)
 
 
@@ -174,8 +191,8 @@ class Conv(nnx.Module):
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
-        preferred_element_type=jnp.float32)
-    return (y + self.bias[...]).astype(self.dtype)
+        preferred_element_type=_acc(self.dtype))
+    return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
 
 
 class GegluMLP(nnx.Module):
@@ -190,6 +207,39 @@ class GegluMLP(nnx.Module):
   def __call__(self, x: Array, tau: Array) -> Array:
     h = self.norm(x, tau)
     return self.w2(jax.nn.gelu(self.w0(h), approximate=False) * self.w1(h))
+
+
+def resolve_attention_impl(impl: str | None, dtype: Any) -> str | None:
+  """'' / None / 'auto': cuDNN flash attention on GPU in 16-bit, XLA otherwise."""
+  if impl in (None, "", "auto"):
+    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+  if impl not in ("xla", "cudnn"):
+    raise ValueError(f"attention_impl must be '', 'xla' or 'cudnn', got {impl!r}")
+  return impl
+
+
+def attention(q: Array, k: Array, v: Array, impl: str | None) -> Array:
+  """Softmax attention, (B, N, H, hd) -> (B, N, H, hd), scale hd**-0.5, no mask.
+
+  cuDNN's fused kernel needs head_dim % 8 == 0 (XL's is 60) and, for the backward pass, a
+  sequence length it tiles (257 = 256 patches + class token is not). So on the cuDNN path q, k, v
+  are zero-padded to head_dim % 8 == 0 and N % 64 == 0: zero head channels add nothing to q.k and
+  the extra output columns are dropped; padded keys are masked out through
+  ``key_value_seq_lengths`` and padded queries dropped. The scale stays hd**-0.5 of the true hd.
+  """
+  b, n, _, hd = q.shape
+  scale = hd ** -0.5
+  if impl != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+  pad_n, pad_d = -n % 64, -hd % 8
+  if pad_n or pad_d:
+    pad = [(0, 0), (0, pad_n), (0, 0), (0, pad_d)]
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((b,), n, jnp.int32) if pad_n else None
+  o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
+                                   query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  return o[:, :n, :, :hd]
 
 
 class Attention(nnx.Module):
@@ -208,14 +258,14 @@ class Attention(nnx.Module):
     self.query_key_value = Dense(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
     self.dense = Dense(dim, dim, dtype=dtype, rngs=rngs)
     self.num_heads = num_heads
-    self.attention_impl = attention_impl
+    self.attention_impl = resolve_attention_impl(attention_impl, dtype)
 
   def __call__(self, x: Array, tau: Array) -> Array:
     b, n, d = x.shape
     hd = d // self.num_heads
     qkv = self.query_key_value(self.norm(x, tau)).reshape(b, n, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    o = attention(q, k, v, self.attention_impl)
     return self.dense(o.reshape(b, n, d))
 
 
