@@ -42,7 +42,8 @@ def _one(case: str, args) -> dict:
   model_name, kind, batch = parts[0], parts[1], int(parts[2])
   remat = parts[3] if len(parts) > 3 else "none"
   overrides = {"input.batch_size": batch, "model.remat": remat, "model.dtype": args.dtype,
-               "input.dataset": "synthetic", "model.attention_impl": args.attention_impl}
+               "input.dataset": "synthetic", "model.attention_impl": args.attention_impl,
+               "model.scan_unroll": args.scan_unroll}
   config = config_utils.load_config_file(os.path.join(REPO, CONFIGS[model_name]), overrides)
   mesh = sharding.make_mesh(config.mesh)
   macs = summary.count_macs(config.model)["total"]
@@ -50,7 +51,7 @@ def _one(case: str, args) -> dict:
   rng = np.random.default_rng(0)
   res = {"model": model_name, "kind": kind, "batch": batch, "dtype": args.dtype, "remat": remat,
          "device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
-         "attention_impl": args.attention_impl or "auto"}
+         "attention_impl": args.attention_impl or "auto", "scan_unroll": args.scan_unroll}
   m = config.model
   t0 = time.perf_counter()
   if kind == "train":
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--attention_impl", default="")
+  p.add_argument("--scan_unroll", type=int, default=0)
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="peak bf16 TFLOP/s for MFU (the H100 here measured 798 on a dense bf16 GEMM)")
   p.add_argument("--out", default="")
@@ -134,10 +136,13 @@ def main(argv=None) -> int:
   for case in [c for c in args.cases.split(",") if c]:
     cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
            f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
-           f"--attention_impl={args.attention_impl}"]
+           f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}"]
     t = time.perf_counter()
     try:
-      r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+      # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.
+      env = dict(os.environ)
+      env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+      r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
       lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
       if lines:
         rec = json.loads(lines[-1][len("RESULT "):])

@@ -38,9 +38,14 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--config", default="configs/dimr_xl_256.py")
+  p.add_argument("--attention_impl", default="")
+  p.add_argument("--scan_unroll", type=int, default=0)
   args = p.parse_args()
   b = args.batch
-  cfg = config_utils.load_config_file(args.config, {"model.dtype": "bfloat16"})
+  cfg = config_utils.load_config_file(args.config, {
+      "model.dtype": "bfloat16", "model.attention_impl": args.attention_impl,
+      "model.scan_unroll": args.scan_unroll})
+  print(f"attention_impl={args.attention_impl or 'auto'} scan_unroll={args.scan_unroll}")
   model = train.make_model(cfg, nnx.Rngs(params=0))
   dt = jnp.bfloat16
   key = jax.random.key(0)
@@ -72,7 +77,8 @@ def main():
   gm, pm = nnx.split(mlp)
   timeit("x21 conv-stage MLP fwd+bwd (one)", jax.grad(lambda p, h: jnp.sum(nnx.merge(gm, p)(h, tau).astype(jnp.float32)), argnums=(0, 1)), pm, h)
   ht = jax.random.normal(key, (b, 257, 960), dt)
-  blk = layers.TransformerBlock(960, 1920, 16, "TDRMSN", dtype=dt, rngs=nnx.Rngs(0))
+  blk = layers.TransformerBlock(960, 1920, 16, "TDRMSN", dtype=dt, rngs=nnx.Rngs(0),
+                               attention_impl=args.attention_impl or None)
   gb, pb = nnx.split(blk)
   timeit("x39 transformer block fwd+bwd (one)", jax.grad(lambda p, h: jnp.sum(nnx.merge(gb, p)(h, tau).astype(jnp.float32)), argnums=(0, 1)), pb, ht)
   att = blk.block1

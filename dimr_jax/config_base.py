@@ -30,7 +30,8 @@ def base(variant: str = "XL/2R", image_size: int = 32, *, dataset: str = "imagen
       block_grad_to_lowres=False,
       dtype="auto",                    # compute dtype: 'auto' = bf16 on GPU/TPU, f32 on CPU; params stay f32
       remat="none",                    # 'none' | 'block' | 'dots'
-      attention_impl="",               # '' lets JAX choose; 'cudnn' | 'xla'
+      attention_impl="",               # '' = cuDNN on GPU in bf16, XLA elsewhere; or 'cudnn' | 'xla'
+      scan_unroll=0,                   # block-scan unroll; 0 = auto (full on CPU/GPU, rolled on TPU)
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

@@ -54,7 +54,8 @@ def compute_dtype(config) -> Any:
 def make_model(config, rngs: nnx.Rngs) -> dimr_model.DiMR:
   return dimr_model.DiMR(
       dimr_model.model_spec_from_config(config.model), dtype=compute_dtype(config),
-      remat=config.model.remat, attention_impl=config.model.attention_impl or None, rngs=rngs)
+      remat=config.model.remat, attention_impl=config.model.attention_impl or None,
+      scan_unroll=config.model.get("scan_unroll", 0) or None, rngs=rngs)
 
 
 def abstract_model(config) -> dimr_model.DiMR:
@@ -228,23 +229,37 @@ def _restore_or_init(config, workdir, mngr, tx, mesh, st_sh, abs_state, data_ite
   return state, 0, "initialised from scratch"
 
 
+def _path_key(path) -> str:
+  """Normalised tree path: dict keys / attributes / indices, without NNX's trailing ``.value``."""
+  parts = []
+  for k in path:
+    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+    parts.append(str(name))
+  if parts and parts[-1] == "value":  # nnx.Variable leaves ('.value' attribute or 'value' key)
+    parts.pop()
+  return "/".join(parts)
+
+
 def _check_checkpoint_fits(mngr, step, abs_state, where):
   """A checkpoint of another model size fails here with names and shapes, before any restore."""
   meta = mngr.item_metadata(step)["state"]
-  want = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abs_state)[0]}
-  got = {}
-  if meta is not None:
-    got = {jax.tree_util.keystr(p): tuple(getattr(a, "shape", ()))
-           for p, a in jax.tree_util.tree_flatten_with_path(meta)[0]}
+  if meta is None:
+    return
+  want = {_path_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abs_state)[0]}
+  got = {_path_key(p): tuple(getattr(a, "shape", ()) or ())
+         for p, a in jax.tree_util.tree_flatten_with_path(meta)[0]}
   if not got:
     return
-  bad = [(k, want[k], got.get(k)) for k in want if got.get(k) != want[k]]
+  missing = [k for k in want if k not in got]
+  bad = [(k, want[k], got[k]) for k in want if k in got and got[k] != want[k]]
   extra = sorted(set(got) - set(want))
-  if bad or extra:
+  if missing or bad or extra:
     lines = [f"checkpoint {where} step {step} does not fit this model/config (another model size?):"]
     lines += [f"  {k}: expected {w}, found {g}" for k, w, g in bad[:10]]
+    if missing:
+      lines.append(f"  missing in checkpoint ({len(missing)}): {missing[:5]}")
     if extra:
-      lines.append(f"  unexpected entries: {extra[:5]}")
+      lines.append(f"  unexpected in checkpoint ({len(extra)}): {extra[:5]}")
     raise ValueError("\n".join(lines))
 
 
