@@ -149,7 +149,9 @@ def main(argv=None) -> int:
       else:
         err = (r.stderr or r.stdout).strip().splitlines()
         oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in err)
-        rec = {"case": case, "error": "OOM" if oom else (err[-1] if err else f"rc={r.returncode}")}
+        named = [l for l in err if "Error" in l and not l.startswith("jax._src")]
+        msg = named[-1] if named else (err[-1] if err else f"rc={r.returncode}")
+        rec = {"case": case, "error": "OOM" if oom else msg}
     except subprocess.TimeoutExpired:
       rec = {"case": case, "error": f"timeout after {args.timeout}s"}
     rec["wall_s"] = round(time.perf_counter() - t, 1)

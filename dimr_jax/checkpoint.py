@@ -83,8 +83,15 @@ def latest_step(directory: str) -> int | None:
   return step
 
 
+def _require_dir(directory: str) -> None:
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory not found: {directory} (a training workdir or "
+                            "the --out of `python -m dimr_jax.convert`)")
+
+
 def restore_config(directory: str, step: int | None = None) -> ml_collections.ConfigDict:
   """Reads the saved config JSON of a checkpoint (latest step by default)."""
+  _require_dir(directory)
   mngr = make_manager(directory, keep_last=0, async_save=False, with_data=False)
   step = mngr.latest_step() if step is None else step
   if step is None:
@@ -101,6 +108,7 @@ def restore_ema_params(directory: str, abstract_params: nnx.State, step: int | N
   ``abstract_params`` is the ``nnx.state(abstract_model, nnx.Param)`` of the model the checkpoint
   was written for; a checkpoint of a different size fails with a clear message.
   """
+  _require_dir(directory)
   mngr = make_manager(directory, keep_last=0, async_save=False, with_data=False)
   step = mngr.latest_step() if step is None else step
   if step is None:

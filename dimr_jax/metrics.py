@@ -77,9 +77,9 @@ class Progress:
     return {"steps_per_s": steps_per_s, "img_per_s": steps_per_s * self.batch}
 
   def line(self, step: int, loss: float, rates: Mapping[str, float]) -> str:
-    elapsed = time.perf_counter() - self._t0
-    done = step - self._s0
-    eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+    # ETA from the latest rate: the first interval includes compilation and would mislead.
+    sps = rates.get("steps_per_s", 0.0)
+    eta = (self.total - step) / sps if sps > 0 and step > self._s0 + 1 else float("nan")
     return (f"step {step}/{self.total}  loss {loss:.4f}  {rates['img_per_s']:.1f} img/s  "
             f"{rates['steps_per_s']:.2f} steps/s  ETA {_fmt(eta)}")
 

@@ -307,6 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   preempt = _Preemption()
   pending = []  # (step, device metrics) since the last host sync
   sampler = _Sampler(config, abs_model, info, mesh) if config.sample_every > 0 else None
+  from dimr_jax import evaluate as eval_lib  # noqa: PLC0415 (optional heavy deps load lazily)
+  fid_fn = eval_lib.fid_eval_fn(config)  # None unless evals.fid_every, Inception and ref stats are set
 
   def save(step):
     args = {"state": ocp.args.StandardSave(state),
@@ -355,6 +357,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           break
         if sampler is not None and metrics.itstime(step, config.sample_every, config.total_steps):
           sampler.grid(state["ema_params"], step, workdir, writer)
+        if fid_fn is not None and metrics.itstime(step, config.evals.fid_every, config.total_steps):
+          # Official monitoring: FID on the EMA params (every process takes part in sampling).
+          scores = fid_fn(abs_model, state["ema_params"], step)
+          if scores:
+            writer.write_scalars(step, scores)
+            if is_main:
+              print(f"[dimr_jax] step {step}: FID-{config.evals.fid_num_samples} "
+                    f"{scores['fid']:.3f}", flush=True)
     mngr.wait_until_finished()
     check_finite()
     if sampler is not None and not preempt.requested and info.pixel_space and is_main:
