@@ -11,23 +11,7 @@ from dimr_jax import config_base
 
 
 def get_config(arg=None):
-  c = config_base.base(variant="T/2R", image_size=8, dataset="digits", channels=1, num_classes=11)
-  c.model.dtype = "float32"
-  c.input.batch_size = 64
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.0
-  c.optim.ema_decay = 0.995
-  c.total_steps = 2000
-  c.log_every = 100
-  c.ckpt_every = 1000
-  c.keep_every = 0
-  c.sample_every = 1000
-  c.evals.fid_every = 0
-  c.sample.steps = 25
-  c.sample.cfg_scale = 2.0      # eps_c + 2 (eps_c - eps_u): clearer class identity on 8x8 digits
-  c.sample.grid_classes = tuple(range(10))
-  c.sample.grid_per_class = 8
+  c = config_base.tiny_pixel("digits", image_size=8, total_steps=2000)
   if arg == "test":  # a few steps for the test suite
     c.total_steps = 6
     c.log_every = 2

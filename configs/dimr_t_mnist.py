@@ -8,21 +8,8 @@ from dimr_jax import config_base
 
 
 def get_config(arg=None):
-  c = config_base.base(variant="T/2R", image_size=32, dataset="mnist", channels=1, num_classes=11)
-  c.model.dtype = "float32"
-  c.input.batch_size = 64
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 200
-  c.optim.weight_decay = 0.0
-  c.optim.ema_decay = 0.999
-  c.total_steps = 20_000
-  c.log_every = 100
+  del arg
+  c = config_base.tiny_pixel("mnist", image_size=32, total_steps=20_000, lr=1e-3, ema_decay=0.999)
   c.ckpt_every = 2000
-  c.keep_every = 0
   c.sample_every = 2000
-  c.evals.fid_every = 0
-  c.sample.steps = 25
-  c.sample.cfg_scale = 1.0
-  c.sample.grid_classes = tuple(range(10))
-  c.sample.grid_per_class = 8
   return c
