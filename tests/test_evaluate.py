@@ -95,8 +95,10 @@ def test_npz_pngs_and_metrics_json(evaluated, ckpt):
   np.testing.assert_array_equal(np.asarray(Image.open(out / "png" / f"{y[7]}_7.png")), x[7, ..., 0])
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["npz"] == r["npz"] and metrics["sampler"]["steps"] == 3
-  # The default sampler settings (guidance) come from the saved config: digits uses cfg 1.0.
-  assert metrics["sampler"]["cfg_scale"] == 1.0 and metrics["sampler"]["null_class"] == 10
+  # The default sampler settings (guidance) come from the saved config, not from a constant.
+  saved = ckpt_lib.restore_config(ckpt)
+  assert metrics["sampler"]["cfg_scale"] == saved.sample.cfg_scale
+  assert metrics["sampler"]["null_class"] == 10
   # A default output directory inside the workdir does not disturb the checkpoint listing.
   assert ckpt_lib.latest_step(ckpt) == 2
 
