@@ -36,6 +36,11 @@ def _maybe_initialize_distributed() -> None:
     kw["process_id"] = int(os.environ["DIMR_PROCESS_ID"])
   if os.environ.get("DIMR_LOCAL_DEVICE_IDS"):
     kw["local_device_ids"] = [int(i) for i in os.environ["DIMR_LOCAL_DEVICE_IDS"].split(",")]
+  # (Read from the environment: asking jax for its backend here would start it before initialize.)
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    # Multi-process CPU runs (tests, debugging) need a collectives implementation; gloo is the
+    # default only in newer jax releases.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kw)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
