@@ -8,13 +8,4 @@ from dimr_jax import config_base
 
 
 def get_config(arg=None):
-  config = config_base.base(variant="M/3R", image_size=64)
-  if arg == "runlocal":  # same model, tiny batch, frequent logs: checks a real size compiles and steps
-    config.input.dataset = "synthetic"
-    config.input.batch_size = 8
-    config.total_steps = 10
-    config.log_every = 2
-    config.ckpt_every = 5
-    config.sample_every = 0
-    config.evals.fid_every = 0
-  return config
+  return config_base.with_arg(config_base.base(variant="M/3R", image_size=64), arg)

@@ -113,3 +113,23 @@ def tiny_pixel(dataset: str, image_size: int, *, variant: str = "T/2R", total_st
   c.sample.grid_classes = tuple(range(10))
   c.sample.grid_per_class = 8
   return c
+
+
+def with_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config-file argument (``configs/x.py:ARG``). Known: ``runlocal``.
+
+  ``runlocal`` keeps the model and shrinks everything else (synthetic data, batch 8, 10 steps,
+  frequent logs): a quick check that a real size compiles and steps on the machine at hand.
+  """
+  if arg in (None, ""):
+    return c
+  if arg != "runlocal":
+    raise ValueError(f"unknown config argument {arg!r}; known: 'runlocal'")
+  c.input.dataset = "synthetic"
+  c.input.batch_size = 8
+  c.total_steps = 10
+  c.log_every = 2
+  c.ckpt_every = 5
+  c.sample_every = 0
+  c.evals.fid_every = 0
+  return c

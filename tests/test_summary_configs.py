@@ -15,7 +15,7 @@ CONFIGS = sorted(str(p) for p in (pathlib.Path(__file__).resolve().parents[1] / 
 def test_config_loads(path):
   c = config_utils.load_config_file(path)
   assert c.model.variant
-  if "runlocal" in pathlib.Path(path).read_text():
+  if "runlocal" in pathlib.Path(path).read_text() or "with_arg" in pathlib.Path(path).read_text():
     c = config_utils.load_config_file(path + ":runlocal")
     assert c.input.batch_size <= 64
 
@@ -41,3 +41,10 @@ def test_summary_numbers(capsys, name, params, gmacs):
   else:
     assert abs(p - params) / params < 1e-3
   assert abs(g - gmacs) / gmacs < 5e-3
+
+
+def test_unknown_config_argument_fails():
+  path = str(pathlib.Path(CONFIGS[0]).parent / "dimr_xl_256.py")
+  assert config_utils.load_config_file(path + ":runlocal").input.dataset == "synthetic"
+  with pytest.raises(ValueError, match="unknown config argument 'fast'"):
+    config_utils.load_config_file(path + ":fast")
