@@ -180,14 +180,24 @@ def _env():
   return env
 
 
-def _run_until(cmd, step, sig):
-  """Starts the entry point, waits until it logged ``step``, then sends ``sig``."""
+def _committed_steps(workdir):
+  """Step directories orbax has committed (in-flight saves live under temporary names)."""
+  workdir = pathlib.Path(workdir)
+  return [d for d in workdir.iterdir() if d.name.isdigit()] if workdir.exists() else []
+
+
+def _run_until(cmd, step, sig, workdir=None):
+  """Starts the entry point, waits until it logged ``step`` and has committed a checkpoint, then
+  sends ``sig`` (without a committed checkpoint a restart would rightly begin from scratch)."""
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=_env(), cwd=REPO)
   lines = []
   for line in proc.stdout:
     lines.append(line)
     if f"step {step}/" in line:
+      deadline = time.time() + 60
+      while workdir is not None and not _committed_steps(workdir) and time.time() < deadline:
+        time.sleep(0.05)
       proc.send_signal(sig)
       break
   out, _ = proc.communicate(timeout=300)
@@ -206,13 +216,13 @@ def _final_state(workdir, cfg):
 
 
 def test_sigkill_resume_is_exact_and_sigterm_exits_cleanly(tmp_path):
-  n = 8
+  n = 12
   total = f"--config.total_steps={n}"
   ref = subprocess.run(_main_cmd(tmp_path / "ref", total), env=_env(), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stdout + ref.stderr
-  kill_at = random.Random(time.time()).randint(2, n - 2)
-  rc, out = _run_until(_main_cmd(tmp_path / "run", total), kill_at, signal.SIGKILL)
+  kill_at = random.Random(time.time()).randint(2, n // 2)
+  rc, out = _run_until(_main_cmd(tmp_path / "run", total), kill_at, signal.SIGKILL, tmp_path / "run")
   assert rc == -signal.SIGKILL, out
   again = subprocess.run(_main_cmd(tmp_path / "run", total), env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
