@@ -26,37 +26,15 @@ import subprocess
 import sys
 from typing import Sequence
 
+# The launchers run as plain scripts (`python launch/x.py`) and are loaded by path in tests, so
+# their shared helpers are imported from this folder explicitly.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from launch_common import LaunchError, split_overrides  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATE = pathlib.Path(__file__).resolve().parent / "slurm_job.sbatch"
 # Default coordinator port, derived from the job id so two jobs sharing a node do not collide.
 JOB_PORT = "$((20000 + SLURM_JOB_ID % 10000))"
-
-
-class LaunchError(Exception):
-  """A user error with a message that says what to fix."""
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Pulls `--config.key=value` (or `--config.key value`) and everything after `--` out of argv.
-
-  Returns (rest, passthrough): passthrough goes to `python -m dimr_jax.main` verbatim.
-  """
-  rest, overrides, argv, i = [], [], list(argv), 0
-  while i < len(argv):
-    a = argv[i]
-    if a == "--":
-      overrides.extend(argv[i + 1:])
-      break
-    if a.startswith("--config."):
-      if "=" not in a:
-        if i + 1 >= len(argv):
-          raise LaunchError(f"{a} needs a value (--config.key=value)")
-        a, i = f"{a}={argv[i + 1]}", i + 1
-      overrides.append(a)
-    else:
-      rest.append(a)
-    i += 1
-  return rest, overrides
 
 
 def render(template: str, values: dict[str, str]) -> str:

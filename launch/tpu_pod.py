@@ -35,14 +35,15 @@ import sys
 import time
 from typing import Callable, Sequence
 
+# The launchers run as plain scripts (`python launch/x.py`) and are loaded by path in tests, so
+# their shared helpers are imported from this folder explicitly.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from launch_common import LaunchError, split_overrides  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REMOTE_DIR = "dimr_jax"          # the code's directory on each worker, relative to $HOME
 REMOTE_TARBALL = "dimr_jax.tar.gz"
 TAR_EXCLUDES = (".venv", "runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist")
-
-
-class LaunchError(Exception):
-  """A user error with a message that says what to fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,30 +266,6 @@ def cmd_all(args: argparse.Namespace, sh: Shell) -> None:
 # --------------------------------------------------------------------------------------------------
 # CLI.
 # --------------------------------------------------------------------------------------------------
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Pulls `--config.key=value` (or `--config.key value`) and everything after `--` out of argv.
-
-  Returns (rest, passthrough): passthrough goes to `python -m dimr_jax.main` verbatim.
-  """
-  rest, overrides, i = [], [], 0
-  argv = list(argv)
-  while i < len(argv):
-    a = argv[i]
-    if a == "--":
-      overrides.extend(argv[i + 1:])
-      break
-    if a.startswith("--config."):
-      if "=" not in a:
-        if i + 1 >= len(argv):
-          raise LaunchError(f"{a} needs a value (--config.key=value)")
-        a, i = f"{a}={argv[i + 1]}", i + 1
-      overrides.append(a)
-    else:
-      rest.append(a)
-    i += 1
-  return rest, overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
