@@ -18,3 +18,18 @@ def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.exists():
     pytest.skip(f"shared fixtures not found at {FIXTURES}")
   return FIXTURES
+
+
+def write_rule_vae_weights(fixtures_dir: pathlib.Path, config, path: pathlib.Path, seed_offset: int) -> str:
+  """Writes SD-VAE weights for ``config`` made by the fixture JSON's documented weight rule."""
+  import json
+
+  import numpy as np
+
+  from dimr_jax import vae
+
+  meta = json.loads((fixtures_dir / "sd_vae_ldm_ref.json").read_text())
+  ns = {}
+  exec(meta["weight_rule"]["python_source"], ns)  # noqa: S102 - the fixture's documented rule
+  np.savez(path, **ns["rule_state_dict"](vae.ldm_state_dict_shapes(config), seed_offset=seed_offset))
+  return str(path)

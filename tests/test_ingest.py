@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dimr_jax import vae
+from tests.conftest import write_rule_vae_weights
 from dimr_jax.data import ingest, latents
 
 RES = 32
@@ -18,13 +19,7 @@ PER_CLASS = (9, 7, 8)  # 24 images -> 3 shards of 10 images (the last holds 4)
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory, fixtures_dir):
-  meta = json.loads((fixtures_dir / "sd_vae_ldm_ref.json").read_text())
-  ns = {}
-  exec(meta["weight_rule"]["python_source"], ns)  # noqa: S102 - the fixture's documented rule
-  sd = ns["rule_state_dict"](vae.ldm_state_dict_shapes(TINY), seed_offset=7)
-  path = tmp_path_factory.mktemp("vae") / "tiny_vae.npz"
-  np.savez(path, **sd)
-  return str(path)
+  return write_rule_vae_weights(fixtures_dir, TINY, tmp_path_factory.mktemp("vae") / "tiny_vae.npz", 7)
 
 
 @pytest.fixture(scope="module")

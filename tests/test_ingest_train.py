@@ -17,6 +17,7 @@ from PIL import Image
 
 from dimr_jax import checkpoint as ckpt_lib
 from dimr_jax import config_utils, evaluate, train, vae
+from tests.conftest import write_rule_vae_weights
 from dimr_jax.data import ingest, latents, pipeline
 
 DIGITS = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "dimr_mu_digits.py")
@@ -29,14 +30,8 @@ PER_CLASS = 8                                                   # 24 JPEGs -> 48
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory, fixtures_dir):
-  """Weights of the tiny VAE from the fixture's documented rule (as ``test_ingest.py`` does)."""
-  meta = json.loads((fixtures_dir / "sd_vae_ldm_ref.json").read_text())
-  ns = {}
-  exec(meta["weight_rule"]["python_source"], ns)  # noqa: S102 - the fixture's documented rule
-  sd = ns["rule_state_dict"](vae.ldm_state_dict_shapes(TINY), seed_offset=11)
-  path = tmp_path_factory.mktemp("vae") / "tiny_vae.npz"
-  np.savez(path, **sd)
-  return str(path)
+  """Weights of the tiny VAE from the fixture's documented weight rule."""
+  return write_rule_vae_weights(fixtures_dir, TINY, tmp_path_factory.mktemp("vae") / "tiny_vae.npz", 11)
 
 
 @pytest.fixture(scope="module")
