@@ -28,7 +28,8 @@ CONFIGS = {"XL/2R": "configs/dimr_xl_256.py", "G/2R": "configs/dimr_g_256.py",
            "XL/3R": "configs/dimr_xl_512.py", "S/2R": "configs/dimr_s_256.py"}
 
 
-def _one(case: str, args) -> dict:
+def build(case: str, args):
+  """Compiles one case; returns (run, record, flops_per_item): ``run()`` does one step."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -97,6 +98,14 @@ def _one(case: str, args) -> dict:
     flops_per_item = 2.0 * 2.0 * macs  # two forward passes (cond + uncond) per image-step
   jax.block_until_ready(run())
   res["compile_s"] = round(time.perf_counter() - t0, 1)
+  return run, res, flops_per_item
+
+
+def _one(case: str, args) -> dict:
+  import jax
+  run, res, flops_per_item = build(case, args)
+  batch = res["batch"]
+  dev = jax.devices()[0]
   for _ in range(2):
     jax.block_until_ready(run())
   times = []
