@@ -24,7 +24,7 @@ import bench  # noqa: E402
 _CLASSES = [
     ("attention", re.compile(r"sdpa|fmha|flash|attention|mha", re.I)),
     ("gemm", re.compile(r"gemm|xmma|cutlass|nvjet|matmul|dot|wgmma|sm90", re.I)),
-    ("conv", re.compile(r"conv|implicit|dgrad|wgrad|fprop", re.I)),
+    ("conv", re.compile(r"conv2d|convolution|implicit|dgrad|wgrad|fprop", re.I)),
     ("copy/transpose", re.compile(r"memcpy|memset|copy|transpose", re.I)),
     ("reduce fusion", re.compile(r"reduc|input_", re.I)),
 ]
@@ -37,29 +37,97 @@ def classify(name: str) -> str:
   return "other fusion"
 
 
-def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
-  """Sums device kernel durations (ns) by kernel name over every GPU stream in the trace."""
+def kernel_times(trace_dir: str, key: str = "kernel") -> dict[str, tuple[float, int]]:
+  """Sums kernel durations (ns) by kernel name (key='kernel') or by HLO instruction (key='hlo_op').
+
+  GPU kernels sit on the "Stream" lines of the device planes; on CPU the thunks sit on host
+  threads and carry the same ``hlo_op`` stat.
+  """
   from jax._src.lib import _profile_data
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not files:
     raise SystemExit(f"no .xplane.pb under {trace_dir}")
   data = _profile_data.ProfileData.from_file(files[0])
   totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+  on_device = any(pl.name.startswith("/device:") for pl in data.planes)
   for plane in data.planes:
-    if not plane.name.startswith("/device:"):
+    if on_device and not plane.name.startswith("/device:"):
       continue
     for line in plane.lines:
       # Stream lines hold the kernels; "XLA Ops"/"XLA Modules" lines summarise the same time.
-      if not line.name.startswith("Stream"):
+      if on_device and not line.name.startswith("Stream"):
         continue
       for ev in line.events:
-        t = totals[ev.name]
+        stats = dict(ev.stats)
+        if not on_device and "hlo_op" not in stats:
+          continue
+        name = (ev.name if key == "kernel" else
+                (str(stats.get("hlo_module", "?")), str(stats.get("hlo_op", ev.name))))
+        t = totals[name]
         t[0] += ev.duration_ns
         t[1] += 1
   if not totals:
     print("no device kernel lines; planes/lines in the trace:",
           [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data.planes])
   return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
+  """(module, HLO instruction) -> named-scope path, from XLA's optimized-HLO text dumps.
+
+  An instruction without metadata (some fusions) takes the first op_name inside the computation
+  it calls, else (marked '~', a guess) its first operand's.
+  """
+  out = {}
+  for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
+    # module_0042.jit_train_step.sm_9.0_gpu_after_optimizations.txt -> jit_train_step
+    module = os.path.basename(path).split(".")[1]
+    comp_op, instrs, comp = {}, [], None
+    with open(path) as f:
+      for line in f:
+        c = _COMP.match(line)
+        if c and "=" not in line.split("(")[0]:
+          comp = c.group(1)
+          continue
+        m = _INSTR.match(line)
+        if not m:
+          continue
+        op = _OP_NAME.search(line)
+        if op and comp is not None:
+          comp_op.setdefault(comp, op.group(1))
+        calls = _CALLS.search(line)
+        operands = re.findall(r"%([\w.\-]+)", line.split("=", 1)[1].split("metadata=")[0])
+        instrs.append((m.group(1), op.group(1) if op else None, calls.group(1) if calls else None,
+                       operands))
+    ops = {}
+    for name, op, calls, operands in instrs:
+      # No metadata anywhere (a pass-made op): take the first operand's.
+      op = op or comp_op.get(calls)
+      guess = None if op else next((ops[o] for o in operands if ops.get(o)), None)
+      ops[name] = op or guess
+      out[(module, name)] = scope_of(op) if op else "~" + scope_of(guess or "?")
+  return out
+
+
+def scope_of(op_name: str) -> str:
+  """'jit(step)/transpose(jvp(stage0/attn))/norm/mul' -> 'bwd stage0/attn/norm mul'.
+
+  The model's ``jax.named_scope``s (stage<r>, attn, mlp, norm, dwconv, skip, upsample, features,
+  head; optimizer in the train step) make the path; jvp/transpose/remat wrappers are dropped.
+  """
+  bwd = "bwd" if "transpose(" in op_name else "fwd"
+  parts = [p for p in re.split(r"[/()]", re.sub(r"^jit\([^)]*\)/", "", op_name)) if p]
+  parts = [p for p in parts if p not in ("jvp", "transpose", "checkpoint", "remat", "rematted_computation",
+                                         "jit", "pjit", "while", "body", "vmap", "closed_call")]
+  if not parts:
+    return f"{bwd} ?"
+  return f"{bwd} {'/'.join(dict.fromkeys(parts[:-1]))} {parts[-1]}"
 
 
 def main(argv=None) -> int:
@@ -71,7 +139,14 @@ def main(argv=None) -> int:
   p.add_argument("--attention_impl", default="")
   p.add_argument("--scan_unroll", type=int, default=0)
   p.add_argument("--trace_dir", default="")
+  p.add_argument("--by_source", type=int, default=40,
+                 help="also dump the optimized HLO and print the top N source lines by time")
   args = p.parse_args(argv)
+  dump_dir = ""
+  if args.by_source:
+    dump_dir = tempfile.mkdtemp(prefix="dimr_hlo_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
   run, res, _ = bench.build(args.case, args)
   for _ in range(2):
     jax.block_until_ready(run())
@@ -93,6 +168,23 @@ def main(argv=None) -> int:
   print(f"top {args.top} kernels (ms/step, launches/step, class):")
   for name, (t, c) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:
     print(f"  {per_step(t):8.3f} {c / args.steps:6.0f}  {classify(name):14s} {name[:110]}")
+  if dump_dir:
+    src = hlo_sources(dump_dir)
+    by_op = kernel_times(trace_dir, key="hlo_op")
+    agg = collections.defaultdict(lambda: [0.0, 0])
+    for op, (t, c) in by_op.items():
+      a = agg[src.get(op, f"? {op[1]}")]
+      a[0] += t
+      a[1] += c
+    scopes = collections.defaultdict(lambda: [0.0, 0])
+    for where, (t, c) in agg.items():
+      a = scopes[where.rsplit(" ", 1)[0]]
+      a[0] += t
+      a[1] += c
+    for title, table in (("named scope", scopes), ("named scope + primitive", agg)):
+      print(f"top {args.by_source} by {title} (ms/step, kernels/step, fwd|bwd scope):")
+      for where, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[: args.by_source]:
+        print(f"  {per_step(t):8.3f} {c / args.steps:6.0f}  {where[:120]}")
   return 0
 
 

@@ -134,12 +134,13 @@ def train_step(state: State, batch: dict, rng: jax.Array, *, graphdef, tx, confi
         p_uncond=config.diffusion.p_uncond, null_class=config.model.num_classes - 1)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  d = config.optim.ema_decay
-  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
-  out = {"loss": loss, "l2_grads": _l2(grads), "l2_params": _l2(params), "l2_updates": _l2(updates),
-         "lr": learning_rate_fn(config)(state["step"])}
+  with jax.named_scope("optimizer"):
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    d = config.optim.ema_decay
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
+    out = {"loss": loss, "l2_grads": _l2(grads), "l2_params": _l2(params), "l2_updates": _l2(updates),
+           "lr": learning_rate_fn(config)(state["step"])}
   out.update({k: v for k, v in aux.items() if k.startswith("loss_")})
   return {"step": state["step"] + 1, "params": params, "opt": opt, "ema_params": ema}, out
 

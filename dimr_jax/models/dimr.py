@@ -198,6 +198,7 @@ class PixelShuffleUpsample(nnx.Module):
     self.norm_out = layers.TDLayerNorm(dim)
     self.ratio = ratio
 
+  @jax.named_scope("upsample")
   def __call__(self, feats: Array, tau: Array) -> Array:
     h = self.linear(self.norm_in(feats, tau))
     return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
@@ -291,21 +292,29 @@ class Stage(nnx.Module):
 
       def out_body(carry, xs):
         pb, ps, skip = xs
-        hcat = jnp.concatenate([carry, skip], axis=-1)
-        out = nnx.merge(gdef_b, pb)(nnx.merge(gdef_s, ps)(hcat), tau)
+        with jax.named_scope("skip"):
+          hcat = nnx.merge(gdef_s, ps)(jnp.concatenate([carry, skip], axis=-1))
+        out = nnx.merge(gdef_b, pb)(hcat, tau)
         return out, out
 
       h, outs = self._scan(out_body, self.out_blocks, h, (st_b, st_s, skips[::-1]))
       ext.append(outs)
 
+    with jax.named_scope("features"):
+      feats = self._features(ext, b, hh, ww, d)
+    with jax.named_scope("head"):
+      if self.is_transformer:
+        h = h[:, 1:].reshape(b, hh, ww, d)
+      out = self.out_conv(self.out_norm(h, tau))
+    return out, feats
+
+  def _features(self, ext, b, hh, ww, d):
+    """Stage input + every block output, (B, H, W, (n+1)*d) with channel index l*d + c."""
     ext = jnp.concatenate(ext, axis=0)  # (n+1, B, ..., d), in official order
     if self.is_transformer:
-      h = h[:, 1:].reshape(b, hh, ww, d)
       ext = ext[:, :, 1:].reshape(ext.shape[0], b, hh, ww, d)
     # (L, B, H, W, d) -> (B, H, W, L*d): channel index = l*d + c, as torch.cat(ext, -1).
-    feats = jnp.moveaxis(ext, 0, -2).reshape(b, hh, ww, -1)
-    out = self.out_conv(self.out_norm(h, tau))
-    return out, feats
+    return jnp.moveaxis(ext, 0, -2).reshape(b, hh, ww, -1)
 
 
 class DiMR(nnx.Module):
@@ -354,8 +363,9 @@ class DiMR(nnx.Module):
     tau = layers.time_gate_input(time_in)
     y = jnp.asarray(y, jnp.int32)
     feats, outs = None, []
-    for stage in self.stages:
-      out, feats = stage(x, y, tau, feats)
+    for r, stage in enumerate(self.stages):
+      with jax.named_scope(f"stage{r}"):
+        out, feats = stage(x, y, tau, feats)
       if self.block_grad_to_lowres:
         feats = jax.lax.stop_gradient(feats)
       outs.append(out.astype(jnp.float32))

@@ -84,11 +84,13 @@ def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
 
 # The norms are rematerialised: their float32 intermediates are cheap to recompute but would
 # otherwise be saved for the backward pass (several full-size f32 copies per block in bf16 training).
+@jax.named_scope("norm")
 @jax.checkpoint
 def _scaled_rms_norm(x: Array, scale: Array) -> Array:
   return (_rms_normalize(x) * scale).astype(x.dtype)
 
 
+@jax.named_scope("norm")
 @jax.checkpoint
 def _affine_layer_norm(x: Array, weight: Array, bias: Array) -> Array:
   return (_layer_normalize(x) * weight + bias).astype(x.dtype)
@@ -204,6 +206,7 @@ class GegluMLP(nnx.Module):
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
 
+  @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
     h = self.norm(x, tau)
     return self.w2(jax.nn.gelu(self.w0(h), approximate=False) * self.w1(h))
@@ -260,6 +263,7 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.attention_impl = resolve_attention_impl(attention_impl, dtype)
 
+  @jax.named_scope("attn")
   def __call__(self, x: Array, tau: Array) -> Array:
     b, n, d = x.shape
     hd = d // self.num_heads
@@ -294,7 +298,8 @@ class ConvNeXtBlock(nnx.Module):
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array, tau: Array) -> Array:
-    x = x + self.block1(x)
+    with jax.named_scope("dwconv"):
+      x = x + self.block1(x)
     return x + self.block2(x, tau)
 
 
