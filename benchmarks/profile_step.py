@@ -58,7 +58,7 @@ def kernel_times(trace_dir: str, key: str = "kernel") -> dict[str, tuple[float, 
       if on_device and not line.name.startswith("Stream"):
         continue
       for ev in line.events:
-        stats = dict(ev.stats)
+        stats = {k: v for k, v in ev.stats}
         if not on_device and "hlo_op" not in stats:
           continue
         name = (ev.name if key == "kernel" else
@@ -145,8 +145,10 @@ def main(argv=None) -> int:
   dump_dir = ""
   if args.by_source:
     dump_dir = tempfile.mkdtemp(prefix="dimr_hlo_")
+    # Command buffers (CUDA graphs) would hide which HLO op launched a kernel: off while profiling.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
+                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+                               " --xla_gpu_enable_command_buffer=").strip()
   run, res, _ = bench.build(args.case, args)
   for _ in range(2):
     jax.block_until_ready(run())
