@@ -144,3 +144,70 @@ def test_pixel_shuffle_channel_order():
   for i in range(r):
     for j in range(r):
       np.testing.assert_array_equal(y[0, i, j], x[0, 0, 0, (i * r + j) * c:(i * r + j + 1) * c])
+
+
+def _loss_and_grads(m, x, t, y):
+  def loss(m):
+    return sum(jnp.mean(o ** 2) for o in m(x, t, y))
+  return nnx.value_and_grad(loss)(m)
+
+
+def _assert_same_model_function(a, b, atol=1e-5):
+  x = jax.random.normal(jax.random.key(7), (2, 32, 32, 4))
+  t, y = jnp.array([0.3, -2.0]), jnp.array([2, 9])
+  for oa, ob in zip(a(x, t, y), b(x, t, y)):
+    np.testing.assert_allclose(oa, ob, atol=atol, rtol=1e-5)
+  (la, ga), (lb, gb) = _loss_and_grads(a, x, t, y), _loss_and_grads(b, x, t, y)
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(u, v, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_rolled_scan_and_unrolled_loop_agree(remat):
+  """The rolled lax.scan (TPU default) and the Python loop (GPU/CPU default) are one function."""
+  spec = dict(variant="mu/2R", num_classes=11)
+  loop = _perturb(dimr_model.DiMR(spec, remat=remat, rngs=nnx.Rngs(params=0)))
+  rolled = _perturb(dimr_model.DiMR(spec, remat=remat, scan_unroll=1, rngs=nnx.Rngs(params=0)))
+  _assert_same_model_function(loop, rolled)
+
+
+@pytest.mark.parametrize("scan_unroll", [None, 1])
+def test_padded_transformer_tokens_change_nothing(scan_unroll):
+  """Padding the Transformer stage's tokens (done for cuDNN attention) is invisible: padded tokens
+  are masked as keys and dropped, so values and gradients equal the unpadded model's."""
+  spec = dict(variant="mu/2R", num_classes=11)
+  plain = _perturb(dimr_model.DiMR(spec, scan_unroll=scan_unroll, rngs=nnx.Rngs(params=0)))
+  padded = _perturb(dimr_model.DiMR(spec, scan_unroll=scan_unroll, rngs=nnx.Rngs(params=0)))
+  assert padded.stages[0].is_transformer
+  padded.stages[0].token_multiple = 8  # mu/2R: 8*8+1 = 65 tokens -> 72
+  _assert_same_model_function(plain, padded)
+
+
+def test_attention_head_dim_padding_and_token_mask():
+  """attention(): padded query rows/keys beyond seq_len are ignored (XLA mask path)."""
+  k = jax.random.split(jax.random.key(3), 3)
+  q, kk, v = (jax.random.normal(kx, (2, 13, 2, 6)) for kx in k)
+  ref = layers.attention(q[:, :9], kk[:, :9], v[:, :9], "xla")
+  out = layers.attention(q, kk, v, "xla", seq_len=9)
+  np.testing.assert_allclose(out[:, :9], ref, atol=1e-6)
+
+
+def test_depthwise_conv_matches_grouped_convolution():
+  """The shifted multiply-add depthwise conv (+ its custom gradient) equals lax's grouped conv."""
+  k = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(k[0], (2, 9, 11, 6))
+  w = jax.random.normal(k[1], (7, 7, 6))
+  g = jax.random.normal(k[2], (2, 9, 11, 6))
+
+  def ref(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w[:, :, None, :], (1, 1), [(3, 3), (3, 3)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+
+  ours = lambda x, w: layers.depthwise_conv(x, w, jnp.dtype(jnp.float32))  # noqa: E731
+  np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5)
+  ga = jax.grad(lambda x, w: jnp.sum(ours(x, w) * g), argnums=(0, 1))(x, w)
+  gb = jax.grad(lambda x, w: jnp.sum(ref(x, w) * g), argnums=(0, 1))(x, w)
+  for a, b in zip(ga, gb):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)

@@ -217,6 +217,10 @@ class Stage(nnx.Module):
     self.dtype = dtype
     self.remat = remat
     self.scan_unroll = scan_unroll
+    # cuDNN attention wants the token count padded (see layers.attention); XLA needs no padding.
+    self.token_multiple = (layers.ATTENTION_TOKEN_MULTIPLE
+                           if self.is_transformer
+                           and layers.resolve_attention_impl(attention_impl, dtype) == "cudnn" else 1)
     ratio = s["input_feature_ratio"]
     self.patch = layers.Conv(channels, dim, ratio, stride=ratio, dtype=dtype, rngs=rngs)
     self.pos_emb = nnx.Param(layers.linear_init(rngs.params(), (self.max_height * self.max_width, dim)))
@@ -245,10 +249,7 @@ class Stage(nnx.Module):
     """Width of the features handed to the next stage: dim * (blocks + 1)."""
     return self.pos_emb.shape[-1] * (self.num_blocks + 1)
 
-  def _scan(self, body, blocks, h, xs):
-    policy = _remat_policy(self.remat)
-    if self.remat != "none":
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  def _unroll(self):
     # Unrolling is the fast default where measured: on an H100 the XL Transformer stage's
     # fwd+bwd took 176 ms as a rolled scan and 128 ms unrolled (batch 64; the rolled backward
     # copies stacked gradients every iteration), and XLA:CPU runs a depthwise-conv gradient
@@ -257,7 +258,14 @@ class Stage(nnx.Module):
     unroll = self.scan_unroll
     if unroll is None:
       unroll = 1 if jax.default_backend() == "tpu" else True
-    return jax.lax.scan(body, h, xs, unroll=unroll)
+    return unroll
+
+  def _remat(self, body, in_loop: bool):
+    if self.remat == "none":
+      return body
+    # Inside lax.scan CSE cannot merge the recomputation back into the forward; in a Python
+    # loop it could, so there the rematerialised ops are kept distinct.
+    return jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not in_loop)
 
   def __call__(self, x: Array, y: Array, tau: Array, lowres_feats: Array | None):
     h = layers.area_downsample(x, self.image_input_ratio)
@@ -269,50 +277,77 @@ class Stage(nnx.Module):
       if lowres_feats is None:
         raise ValueError("a stage with an upsampler needs the lower stage's features")
       h = h + self.upsample(lowres_feats, tau).astype(h.dtype)
+    seq_len = None
     if self.is_transformer:
       cls = jnp.take(self.class_emb[...], y, axis=0).astype(h.dtype)
       h = jnp.concatenate([cls[:, None], h.reshape(b, hh * ww, d)], axis=1)
+      seq_len = hh * ww + 1
+      if self.token_multiple > 1:
+        # Padded once for the whole stack (cuDNN attention tiles 264 tokens, not 257); padded
+        # tokens are masked out as keys and dropped at the end, so they never touch real ones.
+        h = jnp.pad(h, [(0, 0), (0, -seq_len % self.token_multiple), (0, 0)])
 
-    ext = [h[None]]
-    skips = None
-    if self.in_blocks is not None:
-      gdef, st = nnx.split(self.in_blocks)
+    def block(blk, carry):
+      return blk(carry, tau, seq_len=seq_len) if self.is_transformer else blk(carry, tau)
 
-      def in_body(carry, p):
-        out = nnx.merge(gdef, p)(carry, tau)
-        return out, out
+    def in_body(carry, p):
+      out = block(nnx.merge(gdef_i, p), carry)
+      return out, out
 
-      h, skips = self._scan(in_body, self.in_blocks, h, st)
-      ext.append(skips)
-    h = self.mid_block(h, tau)
-    ext.append(h[None])
-    if self.out_blocks is not None:
-      gdef_b, st_b = nnx.split(self.out_blocks)
-      gdef_s, st_s = nnx.split(self.skip_denses)
+    def out_body(carry, xs):
+      pb, ps, skip = xs
+      with jax.named_scope("skip"):
+        hcat = nnx.merge(gdef_s, ps)(jnp.concatenate([carry, skip], axis=-1))
+      out = block(nnx.merge(gdef_o, pb), hcat)
+      return out, out
 
-      def out_body(carry, xs):
-        pb, ps, skip = xs
-        with jax.named_scope("skip"):
-          hcat = nnx.merge(gdef_s, ps)(jnp.concatenate([carry, skip], axis=-1))
-        out = nnx.merge(gdef_b, pb)(hcat, tau)
-        return out, out
-
-      h, outs = self._scan(out_body, self.out_blocks, h, (st_b, st_s, skips[::-1]))
-      ext.append(outs)
-
-    with jax.named_scope("features"):
-      feats = self._features(ext, b, hh, ww, d)
+    half = self.num_blocks // 2
+    gdef_i, st_i = nnx.split(self.in_blocks) if half else (None, None)
+    gdef_o, st_o = nnx.split(self.out_blocks) if half else (None, None)
+    gdef_s, st_s = nnx.split(self.skip_denses) if half else (None, None)
+    unroll = self._unroll()
+    if unroll is True:
+      # A Python loop: every block output stays a separate array, so the features below are one
+      # concatenation along channels instead of a (blocks, ...) stack moved to the last axis.
+      outs = [h]
+      f_in, f_out = self._remat(in_body, False), self._remat(out_body, False)
+      for i in range(half):
+        h, _ = f_in(h, jax.tree.map(lambda a: a[i], st_i))
+        outs.append(h)
+      h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
+      outs.append(h)
+      for i in range(half):
+        h, _ = f_out(h, jax.tree.map(lambda a: a[i], (st_o, st_s)) + (outs[half - i],))
+        outs.append(h)
+      with jax.named_scope("features"):
+        if self.is_transformer:
+          outs = [o[:, 1:seq_len].reshape(b, hh, ww, d) for o in outs]
+        feats = jnp.concatenate(outs, axis=-1)  # channel index l*d + c, as torch.cat(ext, -1)
+    else:
+      ext = [h[None]]
+      skips = None
+      if half:
+        h, skips = jax.lax.scan(self._remat(in_body, True), h, st_i, unroll=unroll)
+        ext.append(skips)
+      h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
+      ext.append(h[None])
+      if half:
+        h, outs = jax.lax.scan(self._remat(out_body, True), h, (st_o, st_s, skips[::-1]),
+                               unroll=unroll)
+        ext.append(outs)
+      with jax.named_scope("features"):
+        feats = self._features(ext, b, hh, ww, d, seq_len)
     with jax.named_scope("head"):
       if self.is_transformer:
-        h = h[:, 1:].reshape(b, hh, ww, d)
+        h = h[:, 1:seq_len].reshape(b, hh, ww, d)
       out = self.out_conv(self.out_norm(h, tau))
     return out, feats
 
-  def _features(self, ext, b, hh, ww, d):
+  def _features(self, ext, b, hh, ww, d, seq_len):
     """Stage input + every block output, (B, H, W, (n+1)*d) with channel index l*d + c."""
     ext = jnp.concatenate(ext, axis=0)  # (n+1, B, ..., d), in official order
     if self.is_transformer:
-      ext = ext[:, :, 1:].reshape(ext.shape[0], b, hh, ww, d)
+      ext = ext[:, :, 1:seq_len].reshape(ext.shape[0], b, hh, ww, d)
     # (L, B, H, W, d) -> (B, H, W, L*d): channel index = l*d + c, as torch.cat(ext, -1).
     return jnp.moveaxis(ext, 0, -2).reshape(b, hh, ww, -1)
 

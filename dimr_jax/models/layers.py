@@ -11,6 +11,7 @@ the checkpoint converter key on those names.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -189,12 +190,74 @@ class Conv(nnx.Module):
     self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
 
   def __call__(self, x: Array) -> Array:
+    kh, kw, cin_g, cout = self.kernel.shape
+    if (self.groups == cout == x.shape[-1] and cin_g == 1 and self.stride == 1 and kh == kw
+        and kh % 2 == 1 and self.padding == ((kh // 2, kh // 2),) * 2):
+      # Depthwise 'SAME' (the ConvNeXt blocks' 7x7): shifted multiply-adds, see depthwise_conv.
+      y = depthwise_conv(x.astype(self.dtype), self.kernel[...][:, :, 0, :].astype(self.dtype),
+                         jnp.dtype(_acc(self.dtype)))
+      return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
         preferred_element_type=_acc(self.dtype))
     return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
+
+
+def _depthwise_shifts(x: Array, w: Array) -> Array:
+  """'SAME' depthwise correlation, odd square kernel w (k, k, C), as k*k shifted multiply-adds.
+
+  Accumulates in float32. XLA fuses the whole sum into one elementwise kernel that reads x once
+  per tap from cache: on an H100 this runs near memory speed, where cuDNN's grouped convolution
+  (NHWC, 480 channels, 7x7) took several times longer (benchmarks/NOTES.md).
+  """
+  k = w.shape[0]
+  p = k // 2
+  _, hh, ww, _ = x.shape
+  xp = jnp.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]).astype(jnp.float32)
+  w = w.astype(jnp.float32)
+  y = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + hh, j:j + ww, :] * w[i, j]
+      y = term if y is None else y + term
+  return y
+
+
+def _depthwise_lax(x: Array, w: Array) -> Array:
+  k = w.shape[0]
+  return jax.lax.conv_general_dilated(
+      x, w[:, :, None, :].astype(x.dtype), window_strides=(1, 1), padding=[(k // 2, k // 2)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+      preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x: Array, w: Array, out_dtype) -> Array:
+  """Depthwise 'SAME' conv, x (B,H,W,C), w (k,k,C), k odd; float32 accumulation, out_dtype result.
+
+  Forward and input gradient are shifted multiply-adds (the input gradient of a 'SAME'
+  correlation is the correlation with the flipped kernel); the kernel gradient is the backend's
+  own convolution weight gradient.
+  """
+  return _depthwise_shifts(x, w).astype(out_dtype)
+
+
+def _depthwise_fwd(x, w, out_dtype):
+  return depthwise_conv(x, w, out_dtype), (x, w)
+
+
+def _depthwise_bwd(out_dtype, res, g):
+  del out_dtype
+  x, w = res
+  dx = _depthwise_shifts(g.astype(x.dtype), w[::-1, ::-1]).astype(x.dtype)
+  _, vjp_w = jax.vjp(lambda w_: _depthwise_lax(x, w_), w)
+  (dw,) = vjp_w(g.astype(jnp.float32))
+  return dx, dw.astype(w.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class GegluMLP(nnx.Module):
@@ -208,8 +271,15 @@ class GegluMLP(nnx.Module):
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
-    h = self.norm(x, tau)
-    return self.w2(jax.nn.gelu(self.w0(h), approximate=False) * self.w1(h))
+    h = self.norm(x, tau).astype(self.w0.dtype)
+    # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
+    # gradient GEMM); the parameters stay separate, as in the official state dict.
+    dt = self.w0.dtype
+    k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
+    b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
+    h01 = (jnp.matmul(h, k01, preferred_element_type=_acc(dt)) + b01).astype(dt)
+    h0, h1 = jnp.split(h01, 2, axis=-1)
+    return self.w2(jax.nn.gelu(h0, approximate=False) * h1)
 
 
 def resolve_attention_impl(impl: str | None, dtype: Any) -> str | None:
@@ -222,24 +292,37 @@ def resolve_attention_impl(impl: str | None, dtype: Any) -> str | None:
   return impl
 
 
-def attention(q: Array, k: Array, v: Array, impl: str | None) -> Array:
-  """Softmax attention, (B, N, H, hd) -> (B, N, H, hd), scale hd**-0.5, no mask.
+# cuDNN's fused attention backward rejects 257 tokens ("Unsupported sequence length"); a multiple
+# of 8 (264) runs forward and backward at the speed of 256 (benchmarks/attention.py).
+ATTENTION_TOKEN_MULTIPLE = 8
 
-  cuDNN's fused kernel needs head_dim % 8 == 0 (XL's is 60) and, for the backward pass, a
-  sequence length it tiles (257 = 256 patches + class token is not). So on the cuDNN path q, k, v
-  are zero-padded to head_dim % 8 == 0 and N % 64 == 0: zero head channels add nothing to q.k and
-  the extra output columns are dropped; padded keys are masked out through
-  ``key_value_seq_lengths`` and padded queries dropped. The scale stays hd**-0.5 of the true hd.
+
+def attention(q: Array, k: Array, v: Array, impl: str | None, *, scale: float | None = None,
+              seq_len: int | None = None) -> Array:
+  """Softmax attention, (B, N, H, hd) -> (B, N, H, hd), no mask beyond ``seq_len``.
+
+  ``scale`` defaults to hd**-0.5. ``seq_len``: only the first seq_len tokens are real (the rest
+  is padding: masked as keys, zero or don't-care as queries).
+
+  cuDNN's fused kernel needs head_dim % 8 == 0 (XL's is 60) and a token count it tiles, so on
+  the cuDNN path q, k, v are zero-padded here where the caller has not done it already: zero
+  head channels add nothing to q.k and the extra output columns are dropped; padded keys are
+  masked through ``key_value_seq_lengths``.
   """
   b, n, _, hd = q.shape
-  scale = hd ** -0.5
+  scale = hd ** -0.5 if scale is None else scale
+  seq_len = n if seq_len is None else seq_len
   if impl != "cudnn":
+    if seq_len < n:
+      mask = jnp.arange(n) < seq_len
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl,
+                                          mask=mask[None, None, None, :])
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-  pad_n, pad_d = -n % 64, -hd % 8
+  pad_n, pad_d = -n % ATTENTION_TOKEN_MULTIPLE, -hd % 8
   if pad_n or pad_d:
     pad = [(0, 0), (0, pad_n), (0, 0), (0, pad_d)]
     q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  lengths = jnp.full((b,), n, jnp.int32) if pad_n else None
+  lengths = jnp.full((b,), seq_len, jnp.int32) if seq_len < n + pad_n else None
   o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
                                    query_seq_lengths=lengths, key_value_seq_lengths=lengths)
   return o[:, :n, :, :hd]
@@ -251,6 +334,11 @@ class Attention(nnx.Module):
   ``query_key_value`` output channels are ordered [q of all heads | k of all heads | v of all heads],
   head i using channels i*hd:(i+1)*hd within each third. No mask; scale hd**-0.5; the class token
   is attended like any other token.
+
+  q, k and v come from three GEMMs on column blocks of that kernel (each output contiguous, as the
+  attention kernel wants it, instead of strided slices of one (B, N, 3, H, hd) output). On the
+  cuDNN path the head dim is padded to a multiple of 8 in the *weights* (zero columns of the qkv
+  kernel, zero rows of the projection), so no activation is ever padded or sliced.
   """
 
   def __init__(self, dim: int, num_heads: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
@@ -264,13 +352,24 @@ class Attention(nnx.Module):
     self.attention_impl = resolve_attention_impl(attention_impl, dtype)
 
   @jax.named_scope("attn")
-  def __call__(self, x: Array, tau: Array) -> Array:
+  def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
     b, n, d = x.shape
-    hd = d // self.num_heads
-    qkv = self.query_key_value(self.norm(x, tau)).reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    o = attention(q, k, v, self.attention_impl)
-    return self.dense(o.reshape(b, n, d))
+    nh = self.num_heads
+    hd = d // nh
+    dt = self.query_key_value.dtype
+    hdp = hd + (-hd % 8) if self.attention_impl == "cudnn" else hd
+    xn = self.norm(x, tau).astype(dt)
+    w = self.query_key_value.kernel[...].astype(dt).reshape(d, 3, nh, hd)
+    wo = self.dense.kernel[...].astype(dt).reshape(nh, hd, d)
+    if hdp != hd:
+      w = jnp.pad(w, [(0, 0), (0, 0), (0, 0), (0, hdp - hd)])
+      wo = jnp.pad(wo, [(0, 0), (0, hdp - hd), (0, 0)])
+    q, k, v = (jnp.matmul(xn, w[:, i].reshape(d, nh * hdp), preferred_element_type=_acc(dt))
+               .astype(dt).reshape(b, n, nh, hdp) for i in range(3))
+    o = attention(q, k, v, self.attention_impl, scale=hd ** -0.5, seq_len=seq_len)
+    out = jnp.matmul(o.reshape(b, n, nh * hdp), wo.reshape(nh * hdp, d),
+                     preferred_element_type=_acc(dt))
+    return (out + self.dense.bias[...].astype(out.dtype)).astype(dt)
 
 
 class TransformerBlock(nnx.Module):
@@ -282,8 +381,8 @@ class TransformerBlock(nnx.Module):
                             attention_impl=attention_impl)
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: Array, tau: Array) -> Array:
-    x = x + self.block1(x, tau)
+  def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
+    x = x + self.block1(x, tau, seq_len=seq_len)
     return x + self.block2(x, tau)
 
 
