@@ -59,7 +59,8 @@ def main():
 
   def loss0(p):
     o, f = nnx.merge(g0, p)(x, y, tau, None)
-    return jnp.mean(o.astype(jnp.float32) ** 2) + jnp.mean(f.astype(jnp.float32) ** 2)
+    f = f if isinstance(f, list) else [f]  # channel chunks (unrolled stages) or one array
+    return jnp.mean(o.astype(jnp.float32) ** 2) + sum(jnp.mean(c.astype(jnp.float32) ** 2) for c in f)
 
   def loss1(p, feats):
     o, _ = nnx.merge(g1, p)(x, y, tau, feats)

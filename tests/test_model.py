@@ -193,21 +193,12 @@ def test_attention_head_dim_padding_and_token_mask():
   np.testing.assert_allclose(out[:, :9], ref, atol=1e-6)
 
 
-def test_depthwise_conv_matches_grouped_convolution():
-  """The shifted multiply-add depthwise conv (+ its custom gradient) equals lax's grouped conv."""
-  k = jax.random.split(jax.random.key(5), 3)
-  x = jax.random.normal(k[0], (2, 9, 11, 6))
-  w = jax.random.normal(k[1], (7, 7, 6))
-  g = jax.random.normal(k[2], (2, 9, 11, 6))
 
-  def ref(x, w):
-    return jax.lax.conv_general_dilated(
-        x, w[:, :, None, :], (1, 1), [(3, 3), (3, 3)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
-
-  ours = lambda x, w: layers.depthwise_conv(x, w, jnp.dtype(jnp.float32))  # noqa: E731
-  np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5)
-  ga = jax.grad(lambda x, w: jnp.sum(ours(x, w) * g), argnums=(0, 1))(x, w)
-  gb = jax.grad(lambda x, w: jnp.sum(ref(x, w) * g), argnums=(0, 1))(x, w)
-  for a, b in zip(ga, gb):
-    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
+def test_chunked_layer_norm_equals_layer_norm_of_concatenation():
+  k = jax.random.split(jax.random.key(6), 4)
+  chunks = [jax.random.normal(kk, (2, 3, 3, 5)) * 3 + 1 for kk in k[:3]]
+  w = jax.random.normal(k[3], (2, 15))
+  b = jnp.flip(w, -1)
+  full = jnp.concatenate(chunks, -1)
+  ref = layers._affine_layer_norm(full, w[:, None, None], b[:, None, None])
+  np.testing.assert_allclose(layers._chunked_affine_layer_norm(chunks, w, b), ref, atol=1e-5)

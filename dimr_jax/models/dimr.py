@@ -186,6 +186,16 @@ def _stacked_blocks(n: int, make, rngs: nnx.Rngs):
   return create(keys)
 
 
+def _unstack(tree, n: int) -> list:
+  """Stacked state (leading axis n) -> n per-block states, via split (its transpose: concat)."""
+  if n == 0:
+    return []
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = [jnp.split(leaf, n, axis=0) for leaf in leaves]
+  return [jax.tree.unflatten(treedef, [p[i].reshape(p[i].shape[1:]) for p in parts])
+          for i in range(n)]
+
+
 class PixelShuffleUpsample(nnx.Module):
   """TD-LN(C_low) -> Linear(C_low -> r*r*dim) -> pixel shuffle x r -> TD-LN(dim).
 
@@ -199,8 +209,12 @@ class PixelShuffleUpsample(nnx.Module):
     self.ratio = ratio
 
   @jax.named_scope("upsample")
-  def __call__(self, feats: Array, tau: Array) -> Array:
-    h = self.linear(self.norm_in(feats, tau))
+  def __call__(self, feats: Array | list[Array], tau: Array) -> Array:
+    """feats: the lower stage's features, one array or its channel chunks (one per block)."""
+    if isinstance(feats, (list, tuple)):
+      h = self.linear(self.norm_in.normalize_chunks(feats, tau))
+    else:
+      h = self.linear(self.norm_in(feats, tau))
     return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
 
 
@@ -267,7 +281,13 @@ class Stage(nnx.Module):
     # loop it could, so there the rematerialised ops are kept distinct.
     return jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not in_loop)
 
-  def __call__(self, x: Array, y: Array, tau: Array, lowres_feats: Array | None):
+  def __call__(self, x: Array, y: Array, tau: Array, lowres_feats):
+    """Returns (eps prediction, features for the next stage).
+
+    The features are the stage input and every block output concatenated along channels (the
+    official ``torch.cat(ext, -1)``): one (B, H, W, (n+1)*d) array from the rolled scan, or the
+    list of its (B, H, W, d) channel chunks from the unrolled loop (the upsampler reads either).
+    """
     h = layers.area_downsample(x, self.image_input_ratio)
     h = self.patch(h)
     b, hh, ww, d = h.shape
@@ -311,18 +331,22 @@ class Stage(nnx.Module):
       # concatenation along channels instead of a (blocks, ...) stack moved to the last axis.
       outs = [h]
       f_in, f_out = self._remat(in_body, False), self._remat(out_body, False)
+      # Per-block parameters by one split of each stacked leaf: its gradient is one concatenate
+      # (indexing a[i] would transpose to a zero-padded full-stack add per block).
+      p_in, p_out = _unstack(st_i, half), _unstack((st_o, st_s), half)
       for i in range(half):
-        h, _ = f_in(h, jax.tree.map(lambda a: a[i], st_i))
+        h, _ = f_in(h, p_in[i])
         outs.append(h)
       h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
       outs.append(h)
       for i in range(half):
-        h, _ = f_out(h, jax.tree.map(lambda a: a[i], (st_o, st_s)) + (outs[half - i],))
+        h, _ = f_out(h, p_out[i] + (outs[half - i],))
         outs.append(h)
       with jax.named_scope("features"):
         if self.is_transformer:
           outs = [o[:, 1:seq_len].reshape(b, hh, ww, d) for o in outs]
-        feats = jnp.concatenate(outs, axis=-1)  # channel index l*d + c, as torch.cat(ext, -1)
+        # Handed up as channel chunks: concatenate(feats, -1) is the official torch.cat(ext, -1).
+        feats = outs
     else:
       ext = [h[None]]
       skips = None

@@ -11,7 +11,6 @@ the checkpoint converter key on those names.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -97,6 +96,31 @@ def _affine_layer_norm(x: Array, weight: Array, bias: Array) -> Array:
   return (_layer_normalize(x) * weight + bias).astype(x.dtype)
 
 
+@jax.named_scope("norm")
+@jax.checkpoint
+def _chunked_affine_layer_norm(chunks: list[Array], weight: Array, bias: Array,
+                               eps: float = 1e-5) -> Array:
+  """LayerNorm of ``concatenate(chunks, -1)`` without reading through the concatenation.
+
+  Mean and variance (two passes, as the one-array version) are sums of per-chunk sums, so each
+  reduction reads one contiguous chunk; only the normalized result is written as one array.
+  weight/bias: (B, C_total) or (C_total,), broadcast over the spatial axes.
+  """
+  c_total = sum(c.shape[-1] for c in chunks)
+  f32 = [c.astype(jnp.float32) for c in chunks]
+  mean = sum(jnp.sum(c, axis=-1, keepdims=True) for c in f32) / c_total
+  var = sum(jnp.sum(jnp.square(c - mean), axis=-1, keepdims=True) for c in f32) / c_total
+  inv = jax.lax.rsqrt(var + eps)
+  out, start = [], 0
+  for c, cf in zip(chunks, f32):
+    width = c.shape[-1]
+    w = _bcast(weight[..., start:start + width], c) if weight.ndim == 2 else weight[start:start + width]
+    b = _bcast(bias[..., start:start + width], c) if bias.ndim == 2 else bias[start:start + width]
+    out.append(((cf - mean) * inv * w + b).astype(c.dtype))
+    start += width
+  return jnp.concatenate(out, axis=-1)
+
+
 class TDRMSNorm(nnx.Module):
   """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift."""
 
@@ -119,6 +143,10 @@ class TDLayerNorm(nnx.Module):
 
   def __call__(self, x: Array, tau: Array) -> Array:
     return _affine_layer_norm(x, _bcast(self.weight(tau), x), _bcast(self.bias(tau), x))
+
+  def normalize_chunks(self, chunks: list[Array], tau: Array) -> Array:
+    """Same as ``self(concatenate(chunks, -1), tau)``, reading each chunk separately."""
+    return _chunked_affine_layer_norm(list(chunks), self.weight(tau), self.bias(tau))
 
 
 class RMSNorm(nnx.Module):
@@ -190,74 +218,12 @@ class Conv(nnx.Module):
     self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
 
   def __call__(self, x: Array) -> Array:
-    kh, kw, cin_g, cout = self.kernel.shape
-    if (self.groups == cout == x.shape[-1] and cin_g == 1 and self.stride == 1 and kh == kw
-        and kh % 2 == 1 and self.padding == ((kh // 2, kh // 2),) * 2):
-      # Depthwise 'SAME' (the ConvNeXt blocks' 7x7): shifted multiply-adds, see depthwise_conv.
-      y = depthwise_conv(x.astype(self.dtype), self.kernel[...][:, :, 0, :].astype(self.dtype),
-                         jnp.dtype(_acc(self.dtype)))
-      return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
         preferred_element_type=_acc(self.dtype))
     return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
-
-
-def _depthwise_shifts(x: Array, w: Array) -> Array:
-  """'SAME' depthwise correlation, odd square kernel w (k, k, C), as k*k shifted multiply-adds.
-
-  Accumulates in float32. XLA fuses the whole sum into one elementwise kernel that reads x once
-  per tap from cache: on an H100 this runs near memory speed, where cuDNN's grouped convolution
-  (NHWC, 480 channels, 7x7) took several times longer (benchmarks/NOTES.md).
-  """
-  k = w.shape[0]
-  p = k // 2
-  _, hh, ww, _ = x.shape
-  xp = jnp.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]).astype(jnp.float32)
-  w = w.astype(jnp.float32)
-  y = None
-  for i in range(k):
-    for j in range(k):
-      term = xp[:, i:i + hh, j:j + ww, :] * w[i, j]
-      y = term if y is None else y + term
-  return y
-
-
-def _depthwise_lax(x: Array, w: Array) -> Array:
-  k = w.shape[0]
-  return jax.lax.conv_general_dilated(
-      x, w[:, :, None, :].astype(x.dtype), window_strides=(1, 1), padding=[(k // 2, k // 2)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-      preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_conv(x: Array, w: Array, out_dtype) -> Array:
-  """Depthwise 'SAME' conv, x (B,H,W,C), w (k,k,C), k odd; float32 accumulation, out_dtype result.
-
-  Forward and input gradient are shifted multiply-adds (the input gradient of a 'SAME'
-  correlation is the correlation with the flipped kernel); the kernel gradient is the backend's
-  own convolution weight gradient.
-  """
-  return _depthwise_shifts(x, w).astype(out_dtype)
-
-
-def _depthwise_fwd(x, w, out_dtype):
-  return depthwise_conv(x, w, out_dtype), (x, w)
-
-
-def _depthwise_bwd(out_dtype, res, g):
-  del out_dtype
-  x, w = res
-  dx = _depthwise_shifts(g.astype(x.dtype), w[::-1, ::-1]).astype(x.dtype)
-  _, vjp_w = jax.vjp(lambda w_: _depthwise_lax(x, w_), w)
-  (dw,) = vjp_w(g.astype(jnp.float32))
-  return dx, dw.astype(w.dtype)
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class GegluMLP(nnx.Module):
