@@ -274,12 +274,11 @@ class Stage(nnx.Module):
       unroll = 1 if jax.default_backend() == "tpu" else True
     return unroll
 
-  def _remat(self, body, in_loop: bool):
+  def _remat(self, body):
     if self.remat == "none":
       return body
-    # Inside lax.scan CSE cannot merge the recomputation back into the forward; in a Python
-    # loop it could, so there the rematerialised ops are kept distinct.
-    return jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not in_loop)
+    # Only used inside lax.scan, where CSE cannot merge the recomputation back into the forward.
+    return jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=False)
 
   def __call__(self, x: Array, y: Array, tau: Array, lowres_feats):
     """Returns (eps prediction, features for the next stage).
@@ -326,11 +325,13 @@ class Stage(nnx.Module):
     gdef_o, st_o = nnx.split(self.out_blocks) if half else (None, None)
     gdef_s, st_s = nnx.split(self.skip_denses) if half else (None, None)
     unroll = self._unroll()
-    if unroll is True:
-      # A Python loop: every block output stays a separate array, so the features below are one
-      # concatenation along channels instead of a (blocks, ...) stack moved to the last axis.
+    if unroll is True and self.remat == "none":
+      # A Python loop: every block output stays a separate array, handed up as channel chunks
+      # instead of a (blocks, ...) stack moved to the last axis. (With remat the loop would need
+      # prevent_cse=True, which blocked fusion: XL b128 remat=dots ran at 170 img/s; remat runs
+      # use the scan below, unrolled or not.)
       outs = [h]
-      f_in, f_out = self._remat(in_body, False), self._remat(out_body, False)
+      f_in, f_out = in_body, out_body
       # Per-block parameters by one split of each stacked leaf: its gradient is one concatenate
       # (indexing a[i] would transpose to a zero-padded full-stack add per block).
       p_in, p_out = _unstack(st_i, half), _unstack((st_o, st_s), half)
@@ -351,12 +352,12 @@ class Stage(nnx.Module):
       ext = [h[None]]
       skips = None
       if half:
-        h, skips = jax.lax.scan(self._remat(in_body, True), h, st_i, unroll=unroll)
+        h, skips = jax.lax.scan(self._remat(in_body), h, st_i, unroll=unroll)
         ext.append(skips)
       h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
       ext.append(h[None])
       if half:
-        h, outs = jax.lax.scan(self._remat(out_body, True), h, (st_o, st_s, skips[::-1]),
+        h, outs = jax.lax.scan(self._remat(out_body), h, (st_o, st_s, skips[::-1]),
                                unroll=unroll)
         ext.append(outs)
       with jax.named_scope("features"):
