@@ -331,17 +331,16 @@ class Stage(nnx.Module):
       # prevent_cse=True, which blocked fusion: XL b128 remat=dots ran at 170 img/s; remat runs
       # use the scan below, unrolled or not.)
       outs = [h]
-      f_in, f_out = in_body, out_body
       # Per-block parameters by one split of each stacked leaf: its gradient is one concatenate
       # (indexing a[i] would transpose to a zero-padded full-stack add per block).
       p_in, p_out = _unstack(st_i, half), _unstack((st_o, st_s), half)
       for i in range(half):
-        h, _ = f_in(h, p_in[i])
+        h, _ = in_body(h, p_in[i])
         outs.append(h)
-      h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
+      h = block(self.mid_block, h)
       outs.append(h)
       for i in range(half):
-        h, _ = f_out(h, p_out[i] + (outs[half - i],))
+        h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
       with jax.named_scope("features"):
         if self.is_transformer:
@@ -354,7 +353,7 @@ class Stage(nnx.Module):
       if half:
         h, skips = jax.lax.scan(self._remat(in_body), h, st_i, unroll=unroll)
         ext.append(skips)
-      h = self.mid_block(h, tau, seq_len=seq_len) if self.is_transformer else self.mid_block(h, tau)
+      h = block(self.mid_block, h)
       ext.append(h[None])
       if half:
         h, outs = jax.lax.scan(self._remat(out_body), h, (st_o, st_s, skips[::-1]),

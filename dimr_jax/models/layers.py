@@ -237,10 +237,10 @@ class GegluMLP(nnx.Module):
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
-    h = self.norm(x, tau).astype(self.w0.dtype)
+    dt = self.w0.dtype
+    h = self.norm(x, tau).astype(dt)
     # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
     # gradient GEMM); the parameters stay separate, as in the official state dict.
-    dt = self.w0.dtype
     k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
     b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
     h01 = (jnp.matmul(h, k01, preferred_element_type=_acc(dt)) + b01).astype(dt)
