@@ -105,6 +105,9 @@ def restore_ema_params(directory: str, abstract_params: nnx.State, step: int | N
                        sharding: Any = None) -> nnx.State:
   """Restores only the EMA parameters onto ``sharding`` (default: the first local device).
 
+  ``sharding`` is one ``jax.sharding.Sharding`` for every leaf, or a pytree of them shaped like
+  ``abstract_params`` (e.g. FSDP shardings from ``sharding.infer_param_shardings``: each process
+  then reads only its shards, and a model larger than one device can be restored).
   ``abstract_params`` is the ``nnx.state(abstract_model, nnx.Param)`` of the model the checkpoint
   was written for; a checkpoint of a different size fails with a clear message.
   """
@@ -114,8 +117,13 @@ def restore_ema_params(directory: str, abstract_params: nnx.State, step: int | N
   if step is None:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sharding), abstract_params)
+  if isinstance(sharding, jax.sharding.Sharding):
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sharding), abstract_params)
+  else:
+    target = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sh), abstract_params,
+        sharding)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))
   except (ValueError, KeyError) as e:

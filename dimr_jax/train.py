@@ -224,8 +224,9 @@ def _restore_or_init(config, workdir, mngr, tx, mesh, st_sh, abs_state, data_ite
   state = init(jax.random.key(config.seed))
   if config.init_from:
     abs_params = abs_state["params"]
-    params = ckpt_lib.restore_ema_params(config.init_from, abs_params)
-    params = jax.device_put(params, st_sh["params"])
+    # Straight onto the training shardings: no single-device copy (which a multi-process run
+    # could not re-shard, and a model larger than one device could not hold).
+    params = ckpt_lib.restore_ema_params(config.init_from, abs_params, sharding=st_sh["params"])
     state["params"] = params
     state["ema_params"] = jax.tree.map(jnp.copy, params)
     return state, 0, f"initialised params from {config.init_from}"

@@ -113,6 +113,16 @@ def test_train_and_evaluate_end_to_end_and_restore_on_other_mesh(tmp_path):
   leaf = jax.tree.leaves(ema)[0]
   assert len(leaf.devices()) == 1
   np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jax.tree.leaves(state2["ema_params"])[0]))
+  # ... or straight onto FSDP shardings over all 8 devices (a model larger than one device).
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  fsdp_sh = sharding.infer_param_shardings(abs_params, mesh, 0.001)
+  ema_fsdp = ckpt_lib.restore_ema_params(str(tmp_path), abs_params, sharding=fsdp_sh)
+  n_sharded = 0
+  for a, b, sh in zip(jax.tree.leaves(ema_fsdp), jax.tree.leaves(ema), jax.tree.leaves(fsdp_sh)):
+    assert a.sharding == sh
+    n_sharded += "fsdp" in tuple(a.sharding.spec)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert n_sharded > 0
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
