@@ -10,9 +10,7 @@ max |error| against a float32 XLA reference on the same inputs.
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -21,20 +19,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimr_jax.models import layers  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 # On CPU the cuDNN variants run through XLA instead (checks the padding/masking arithmetic).
 CUDNN = "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
-def timed(f, *args, steps=20):
-  jax.block_until_ready(f(*args))
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(ts)
 
 
 def reference(q, k, v):
@@ -160,8 +148,8 @@ def main():
       err = float(jnp.max(jnp.abs(fwd(q, k, v).astype(jnp.float32) - ref)))
       g = jax.jit(jax.grad(lambda q, k, v: jnp.sum((f(q, k, v) * do).astype(jnp.float32)),
                            argnums=(0, 1, 2)))
-      print(f"{name:28s} {timed(fwd, q, k, v, steps=args.steps):7.3f} "
-            f"{timed(g, q, k, v, steps=args.steps):7.3f}  err {err:.2e}", flush=True)
+      print(f"{name:28s} {median_ms(fwd, q, k, v, steps=args.steps, warmup=2):7.3f} "
+            f"{median_ms(g, q, k, v, steps=args.steps, warmup=2):7.3f}  err {err:.2e}", flush=True)
     except Exception as e:  # noqa: BLE001 - report and go on with the next variant
       msg = str(e).strip().splitlines()
       print(f"{name:28s} FAILED: {type(e).__name__}: {msg[0][:160] if msg else ''}", flush=True)
@@ -190,8 +178,8 @@ def main():
       err = float(jnp.max(jnp.abs(out - ref_out)))
       g = jax.jit(jax.grad(lambda st, x: jnp.sum((nnx.merge(gd, st)(x, tau) * dy).astype(jnp.float32)),
                            argnums=(0, 1)))
-      print(f"{name:28s} {timed(fwd, st, x, steps=args.steps):7.3f} "
-            f"{timed(g, st, x, steps=args.steps):7.3f}  err {err:.2e}", flush=True)
+      print(f"{name:28s} {median_ms(fwd, st, x, steps=args.steps, warmup=2):7.3f} "
+            f"{median_ms(g, st, x, steps=args.steps, warmup=2):7.3f}  err {err:.2e}", flush=True)
     except Exception as e:  # noqa: BLE001
       msg = str(e).strip().splitlines()
       print(f"{name:28s} FAILED: {type(e).__name__}: {msg[0][:160] if msg else ''}", flush=True)

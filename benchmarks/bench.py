@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import timing  # benchmarks/timing.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"XL/2R": "configs/dimr_xl_256.py", "G/2R": "configs/dimr_g_256.py",
            "XL/3R": "configs/dimr_xl_512.py", "S/2R": "configs/dimr_s_256.py"}
@@ -106,13 +108,7 @@ def _one(case: str, args) -> dict:
   run, res, flops_per_item = build(case, args)
   batch = res["batch"]
   dev = jax.devices()[0]
-  for _ in range(2):
-    jax.block_until_ready(run())
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - t)
+  times = timing.step_times(run, steps=args.steps, warmup=2)
   med = statistics.median(times)
   stats = dev.memory_stats() or {}
   peak_tflops = args.peak_tflops

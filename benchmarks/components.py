@@ -7,10 +7,8 @@ Prints the median time of jitted value_and_grad of: the Transformer stage, the C
 """
 import argparse
 import functools
-import statistics
 import sys
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +19,11 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimr_jax import config_utils, train  # noqa: E402
 from dimr_jax.models import layers  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 def timeit(name, f, *args, steps=10):
-  f = jax.jit(f)
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t)
-  print(f"{name:40s} {1e3 * statistics.median(ts):8.2f} ms", flush=True)
+  print(f"{name:40s} {median_ms(jax.jit(f), *args, steps=steps):8.2f} ms", flush=True)
 
 
 def main():

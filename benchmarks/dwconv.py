@@ -8,22 +8,11 @@ Kept as the record of a rejected change (benchmarks/NOTES.md): in the full model
 Prints forward and forward+backward medians (ms) of both, and their max difference.
 """
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-
-
-def timed(f, *args, steps=20):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(ts)
+from timing import median_ms  # benchmarks/timing.py
 
 
 def shifts(x, w):
@@ -65,7 +54,7 @@ def main():
     fwd = jax.jit(f)
     err = float(jnp.max(jnp.abs(fwd(x, w).astype(jnp.float32) - ref)))
     bwd = jax.jit(jax.grad(lambda x, w: jnp.sum((f(x, w) * g).astype(jnp.float32)), argnums=(0, 1)))
-    print(f"{name:22s} fwd {timed(fwd, x, w):7.3f} ms  fwd+bwd {timed(bwd, x, w):7.3f} ms  "
+    print(f"{name:22s} fwd {median_ms(fwd, x, w):7.3f} ms  fwd+bwd {median_ms(bwd, x, w):7.3f} ms  "
           f"max|diff| {err:.3g}", flush=True)
 
 

@@ -4,7 +4,8 @@
 
 Builds the case exactly as ``bench.py`` does, traces ``--steps`` steps with ``jax.profiler``, parses
 the XSpace with JAX's own ``ProfileData`` and prints, per step: the device time by kernel class
-(GEMM, attention, convolution, other fusions, copies), then the ``--top`` kernels by total time.
+(GEMM, attention, convolution, other fusions, copies), the ``--top`` kernels by total time, and
+(``--by_source``) the time per ``jax.named_scope`` of the model, forward and backward apart.
 """
 from __future__ import annotations
 
@@ -37,9 +38,16 @@ def classify(name: str) -> str:
   return "other fusion"
 
 
-def kernel_times(trace_dir: str, key: str = "kernel") -> dict[str, tuple[float, int]]:
-  """Sums kernel durations (ns) by kernel name (key='kernel') or by HLO instruction (key='hlo_op').
+def _add(table: dict, key, ns: float, count: int = 1) -> None:
+  entry = table.setdefault(key, [0.0, 0])
+  entry[0] += ns
+  entry[1] += count
 
+
+def kernel_times(trace_dir: str) -> tuple[dict, dict]:
+  """Reads the trace once; kernel time (ns) and launch count by kernel name and by HLO op.
+
+  Returns ``(by_kernel, by_op)``, values ``[ns, launches]``; by_op keys are (hlo_module, hlo_op).
   GPU kernels sit on the "Stream" lines of the device planes; on CPU the thunks sit on host
   threads and carry the same ``hlo_op`` stat.
   """
@@ -48,7 +56,7 @@ def kernel_times(trace_dir: str, key: str = "kernel") -> dict[str, tuple[float, 
   if not files:
     raise SystemExit(f"no .xplane.pb under {trace_dir}")
   data = _profile_data.ProfileData.from_file(files[0])
-  totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+  by_kernel, by_op = {}, {}
   on_device = any(pl.name.startswith("/device:") for pl in data.planes)
   for plane in data.planes:
     if on_device and not plane.name.startswith("/device:"):
@@ -61,15 +69,13 @@ def kernel_times(trace_dir: str, key: str = "kernel") -> dict[str, tuple[float, 
         stats = {k: v for k, v in ev.stats}
         if not on_device and "hlo_op" not in stats:
           continue
-        name = (ev.name if key == "kernel" else
-                (str(stats.get("hlo_module", "?")), str(stats.get("hlo_op", ev.name))))
-        t = totals[name]
-        t[0] += ev.duration_ns
-        t[1] += 1
-  if not totals:
+        _add(by_kernel, ev.name, ev.duration_ns)
+        _add(by_op, (str(stats.get("hlo_module", "?")), str(stats.get("hlo_op", ev.name))),
+             ev.duration_ns)
+  if not by_kernel:
     print("no device kernel lines; planes/lines in the trace:",
           [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data.planes])
-  return {k: (v[0], v[1]) for k, v in totals.items()}
+  return by_kernel, by_op
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
   p.add_argument("--scan_unroll", type=int, default=0)
   p.add_argument("--trace_dir", default="")
   p.add_argument("--by_source", type=int, default=40,
-                 help="also dump the optimized HLO and print the top N source lines by time")
+                 help="also dump the optimized HLO and print the top N named scopes by time "
+                      "(0: off; on also turns command buffers off for the traced run)")
   args = p.parse_args(argv)
   dump_dir = ""
   if args.by_source:
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
   for _ in range(args.steps):
     jax.block_until_ready(run())
   jax.profiler.stop_trace()
-  times = kernel_times(trace_dir)
+  times, by_op = kernel_times(trace_dir)
   total = sum(t for t, _ in times.values())
   per_step = lambda ns: ns / args.steps / 1e6  # noqa: E731  ms per step
   print(f"{args.case} on {res['device']}: device kernel time {per_step(total):.1f} ms/step "
@@ -172,17 +179,11 @@ def main(argv=None) -> int:
     print(f"  {per_step(t):8.3f} {c / args.steps:6.0f}  {classify(name):14s} {name[:110]}")
   if dump_dir:
     src = hlo_sources(dump_dir)
-    by_op = kernel_times(trace_dir, key="hlo_op")
-    agg = collections.defaultdict(lambda: [0.0, 0])
+    agg, scopes = {}, {}
     for op, (t, c) in by_op.items():
-      a = agg[src.get(op, f"? {op[1]}")]
-      a[0] += t
-      a[1] += c
-    scopes = collections.defaultdict(lambda: [0.0, 0])
+      _add(agg, src.get(op, f"? {op[1]}"), t, c)
     for where, (t, c) in agg.items():
-      a = scopes[where.rsplit(" ", 1)[0]]
-      a[0] += t
-      a[1] += c
+      _add(scopes, where.rsplit(" ", 1)[0], t, c)
     for title, table in (("named scope", scopes), ("named scope + primitive", agg)):
       print(f"top {args.by_source} by {title} (ms/step, kernels/step, fwd|bwd scope):")
       for where, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[: args.by_source]:

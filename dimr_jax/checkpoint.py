@@ -118,12 +118,9 @@ def restore_ema_params(directory: str, abstract_params: nnx.State, step: int | N
     raise FileNotFoundError(f"no checkpoint found in {directory}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sharding), abstract_params)
-  else:
-    target = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sh), abstract_params,
-        sharding)
+    sharding = jax.tree.map(lambda _: sharding, abstract_params)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=sh),
+                        abstract_params, sharding)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))
   except (ValueError, KeyError) as e:

@@ -211,10 +211,8 @@ class PixelShuffleUpsample(nnx.Module):
   @jax.named_scope("upsample")
   def __call__(self, feats: Array | list[Array], tau: Array) -> Array:
     """feats: the lower stage's features, one array or its channel chunks (one per block)."""
-    if isinstance(feats, (list, tuple)):
-      h = self.linear(self.norm_in.normalize_chunks(feats, tau))
-    else:
-      h = self.linear(self.norm_in(feats, tau))
+    chunks = feats if isinstance(feats, (list, tuple)) else [feats]
+    h = self.linear(self.norm_in.normalize_chunks(chunks, tau))
     return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
 
 
