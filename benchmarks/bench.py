@@ -87,7 +87,8 @@ def build(case: str, args):
     @jax.jit
     def sample_step(params, x, t):
       net = nnx.merge(gd, params)
-      eps_fn = sampling.guided_eps_fn(net, y, cfg_scale=0.4, null_class=m.num_classes - 1)
+      eps_fn = sampling.guided_eps_fn(net, y, cfg_scale=0.4, null_class=m.num_classes - 1,
+                                      shared_time=True)  # as sample_images calls it
       eps = eps_fn(x, jnp.full((batch,), t))
       return 0.98 * x - 0.05 * eps  # a first-order DPM-Solver++ update's arithmetic
 

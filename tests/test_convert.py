@@ -26,7 +26,11 @@ def test_fixture_outputs_match_official(fixtures_dir, name):
   d, meta, sd = _load(fixtures_dir, name)
   apply = convert.load_official(sd, meta["config_passed_to_MRModel"])
   x, y = _nhwc(d["input/x"]), d["input/y"]
-  for prefix, t in (("output", d["input/log_snr"]), ("output_same_t", d["input/log_snr_same"])):
+  same = d["input/log_snr_same"]
+  # The shared-time case twice: per image, and as one scalar (the samplers' call, which folds the
+  # time-dependent norm scales into the GEMM weights).
+  for prefix, t in (("output", d["input/log_snr"]), ("output_same_t", same),
+                    ("output_same_t", np.asarray(same).reshape(-1)[0])):
     outs = apply(x, t, y)
     n_out = len([k for k in d.files if k.startswith(prefix + "/")])
     assert len(outs) == n_out
@@ -45,9 +49,11 @@ def test_bf16_path_close_to_float32(fixtures_dir):
   f32 = convert.load_official(sd, meta["config_passed_to_MRModel"])
   bf16 = convert.load_official(sd, meta["config_passed_to_MRModel"], dtype=jnp.bfloat16)
   x, t, y = _nhwc(d["input/x"]), d["input/log_snr"], d["input/y"]
-  for a, b in zip(f32(x, t, y), bf16(x, t, y)):
-    rel = float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(a)))
-    assert rel < 1e-2, rel
+  t_shared = np.asarray(d["input/log_snr_same"]).reshape(-1)[0]
+  for tt in (t, t_shared):  # per-image times, and one scalar time (the folded sampling path)
+    for a, b in zip(f32(x, tt, y), bf16(x, tt, y)):
+      rel = float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(a)))
+      assert rel < 1e-2, rel
 
 
 def test_round_trip_params_to_official(fixtures_dir):

@@ -198,8 +198,9 @@ def _label_net(calls):
   """eps = 0.1 x + y/1000 (broadcast), with a low-res first output like DiMR; records calls."""
   def apply_fn(x, time_in, y):
     calls.append(dict(batch=x.shape[0], y=y, time_in=time_in))
+    tt = jnp.broadcast_to(time_in, x.shape[:1])  # per-image or one shared scalar time
     eps = (0.1 * x + (y.astype(jnp.float32) / 1000)[:, None, None, None]
-           + 0.01 * time_in[:, None, None, None])
+           + 0.01 * tt[:, None, None, None])
     return [eps[:, ::2, ::2], eps]
   return apply_fn
 
@@ -217,6 +218,19 @@ def test_cfg_constant_form_one_batched_call():
   eps_c = 0.1 * x + (y / 1000)[:, None, None, None] - 0.016
   eps_u = 0.1 * x + 1.0 - 0.016
   np.testing.assert_allclose(eps, eps_c + 0.4 * (eps_c - eps_u), atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.4])
+def test_shared_time_passes_one_scalar_time(cfg_scale):
+  y = jnp.array([3, 7])
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 2))
+  t = jnp.full((2,), 0.3, jnp.float32)
+  calls_vec, calls_one = [], []
+  vec = sampling.guided_eps_fn(_label_net(calls_vec), y, cfg_scale=cfg_scale)(x, t)
+  one = sampling.guided_eps_fn(_label_net(calls_one), y, cfg_scale=cfg_scale, shared_time=True)(x, t)
+  assert calls_vec[0]["time_in"].shape == (calls_vec[0]["batch"],)
+  assert calls_one[0]["time_in"].shape == ()
+  np.testing.assert_allclose(one, vec, atol=1e-6)
 
 
 def test_cfg_without_guidance_runs_cond_only():
@@ -273,7 +287,7 @@ def test_cfg_interval():
 # ------------------------------------------------------------------------------------------------
 
 class TinyNet(nnx.Module):
-  """``__call__(x_nhwc, time_in, y) -> [eps_lowres, eps_full]`` like DiMR."""
+  """``__call__(x_nhwc, time_in, y) -> [eps_lowres, eps_full]`` like DiMR (time_in (B,) or scalar)."""
 
   def __init__(self, *, channels=2, num_classes=11, rngs):
     self.num_classes = num_classes
@@ -284,7 +298,8 @@ class TinyNet(nnx.Module):
 
   def __call__(self, x, time_in, y):
     b, h, w, c = x.shape
-    cond = 0.3 * self.emb(y) + 0.1 * self.time(time_in[:, None].astype(jnp.float32))
+    tt = jnp.broadcast_to(time_in, (b,)).astype(jnp.float32)
+    cond = 0.3 * self.emb(y) + 0.1 * self.time(tt[:, None])
     eps = jnp.tanh(self.proj(x)) + cond[:, None, None, :]
     low = eps.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return [low, eps]

@@ -209,11 +209,35 @@ class PixelShuffleUpsample(nnx.Module):
     self.ratio = ratio
 
   @jax.named_scope("upsample")
-  def __call__(self, feats: Array | list[Array], tau: Array) -> Array:
-    """feats: the lower stage's features, one array or its channel chunks (one per block)."""
-    chunks = feats if isinstance(feats, (list, tuple)) else [feats]
-    h = self.linear(self.norm_in.normalize_chunks(chunks, tau))
+  def __call__(self, feats: Array, tau: Array, side: tuple[int, int]) -> Array:
+    """feats: (B, N, C_low) lower-stage features; rows [0, h*w) are its (h, w) = ``side`` grid.
+
+    Rows past h*w (the Transformer's class token and padding) ride along through the per-token
+    norm and Linear and are dropped before the shuffle.
+    """
+    b = feats.shape[0]
+    hh, ww = side
+    gamma, beta = self.norm_in.weight(tau), self.norm_in.bias(tau)
+    if layers.shared_value(gamma) is not None:
+      h = self._folded_norm_linear(feats, gamma[0], beta[0])
+    else:
+      h = self.linear(self.norm_in(feats, tau))
+    h = h[:, :hh * ww].reshape(b, hh, ww, -1)
     return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
+
+  def _folded_norm_linear(self, x: Array, gamma: Array, beta: Array) -> Array:
+    """``linear(norm_in(x))`` for a batch-shared gamma/beta, without writing the normalised x.
+
+    ((x - m) * inv * g + b) @ W + c == inv * (x @ (g W) - m * 1^T(g W)) + (b @ W + c): the C_low-wide
+    input (38,400 channels for XL) is read once for its statistics and once by the GEMM.
+    """
+    dt = self.linear.dtype
+    w = self.linear.kernel[...]
+    wg = gamma[:, None] * w
+    mean, inv = layers._layer_norm_stats(x)
+    z = jnp.matmul(x.astype(dt), wg.astype(dt), preferred_element_type=jnp.float32)
+    shift = beta @ w + self.linear.bias[...]
+    return (inv * (z - mean * jnp.sum(wg, axis=0)) + shift).astype(dt)
 
 
 class Stage(nnx.Module):
@@ -282,8 +306,8 @@ class Stage(nnx.Module):
     """Returns (eps prediction, features for the next stage).
 
     The features are the stage input and every block output concatenated along channels (the
-    official ``torch.cat(ext, -1)``): one (B, H, W, (n+1)*d) array from the rolled scan, or the
-    list of its (B, H, W, d) channel chunks from the unrolled loop (the upsampler reads either).
+    official ``torch.cat(ext, -1)``), as tokens: (B, N, (n+1)*d) with the H*W image tokens in
+    rows [0, H*W) (a Transformer stage's class token and padding follow them).
     """
     h = layers.area_downsample(x, self.image_input_ratio)
     h = self.patch(h)
@@ -293,11 +317,15 @@ class Stage(nnx.Module):
     if self.upsample is not None:
       if lowres_feats is None:
         raise ValueError("a stage with an upsampler needs the lower stage's features")
-      h = h + self.upsample(lowres_feats, tau).astype(h.dtype)
+      r = self.upsample.ratio
+      h = h + self.upsample(lowres_feats, tau, (hh // r, ww // r)).astype(h.dtype)
     seq_len = None
     if self.is_transformer:
       cls = jnp.take(self.class_emb[...], y, axis=0).astype(h.dtype)
-      h = jnp.concatenate([cls[:, None], h.reshape(b, hh * ww, d)], axis=1)
+      # The class token goes *last* (the official puts it first; attention and the per-token
+      # layers do not see the order, so the result is the same): image tokens are then rows
+      # [0, h*w) of every block output, as the upsampler of the next stage wants them.
+      h = jnp.concatenate([h.reshape(b, hh * ww, d), cls[:, None]], axis=1)
       seq_len = hh * ww + 1
       if self.token_multiple > 1:
         # Padded once for the whole stack (cuDNN attention tiles 264 tokens, not 257); padded
@@ -314,7 +342,7 @@ class Stage(nnx.Module):
     def out_body(carry, xs):
       pb, ps, skip = xs
       with jax.named_scope("skip"):
-        hcat = nnx.merge(gdef_s, ps)(jnp.concatenate([carry, skip], axis=-1))
+        hcat = nnx.merge(gdef_s, ps).on_concatenation([carry, skip])
       out = block(nnx.merge(gdef_o, pb), hcat)
       return out, out
 
@@ -324,10 +352,10 @@ class Stage(nnx.Module):
     gdef_s, st_s = nnx.split(self.skip_denses) if half else (None, None)
     unroll = self._unroll()
     if unroll is True and self.remat == "none":
-      # A Python loop: every block output stays a separate array, handed up as channel chunks
-      # instead of a (blocks, ...) stack moved to the last axis. (With remat the loop would need
-      # prevent_cse=True, which blocked fusion: XL b128 remat=dots ran at 170 img/s; remat runs
-      # use the scan below, unrolled or not.)
+      # A Python loop: every block output stays a separate array until the one concatenation
+      # that makes the features (the official torch.cat(ext, -1)); no (blocks, ...) stack is
+      # moved to the last axis. (With remat the loop would need prevent_cse=True, which blocked
+      # fusion: XL b128 remat=dots ran at 170 img/s; remat runs use the scan below.)
       outs = [h]
       # Per-block parameters by one split of each stacked leaf: its gradient is one concatenate
       # (indexing a[i] would transpose to a zero-padded full-stack add per block).
@@ -341,10 +369,7 @@ class Stage(nnx.Module):
         h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
       with jax.named_scope("features"):
-        if self.is_transformer:
-          outs = [o[:, 1:seq_len].reshape(b, hh, ww, d) for o in outs]
-        # Handed up as channel chunks: concatenate(feats, -1) is the official torch.cat(ext, -1).
-        feats = outs
+        feats = jnp.concatenate(outs, axis=-1).reshape(b, -1, len(outs) * d)
     else:
       ext = [h[None]]
       skips = None
@@ -358,20 +383,19 @@ class Stage(nnx.Module):
                                unroll=unroll)
         ext.append(outs)
       with jax.named_scope("features"):
-        feats = self._features(ext, b, hh, ww, d, seq_len)
+        feats = self._features(ext, b, d)
     with jax.named_scope("head"):
       if self.is_transformer:
-        h = h[:, 1:seq_len].reshape(b, hh, ww, d)
+        h = h[:, :hh * ww].reshape(b, hh, ww, d)
       out = self.out_conv(self.out_norm(h, tau))
     return out, feats
 
-  def _features(self, ext, b, hh, ww, d, seq_len):
-    """Stage input + every block output, (B, H, W, (n+1)*d) with channel index l*d + c."""
-    ext = jnp.concatenate(ext, axis=0)  # (n+1, B, ..., d), in official order
-    if self.is_transformer:
-      ext = ext[:, :, 1:seq_len].reshape(ext.shape[0], b, hh, ww, d)
-    # (L, B, H, W, d) -> (B, H, W, L*d): channel index = l*d + c, as torch.cat(ext, -1).
-    return jnp.moveaxis(ext, 0, -2).reshape(b, hh, ww, -1)
+  def _features(self, ext, b, d):
+    """Stage input + every block output, (B, N, (n+1)*d) with channel index l*d + c."""
+    ext = jnp.concatenate(ext, axis=0)
+    ext = ext.reshape(ext.shape[0], b, -1, d)
+    # (L, B, N, d) -> (B, N, L*d): channel index = l*d + c, as torch.cat(ext, -1).
+    return jnp.moveaxis(ext, 0, -2).reshape(b, -1, ext.shape[0] * d)
 
 
 class DiMR(nnx.Module):

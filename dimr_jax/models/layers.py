@@ -97,28 +97,24 @@ def _affine_layer_norm(x: Array, weight: Array, bias: Array) -> Array:
 
 
 @jax.named_scope("norm")
-@jax.checkpoint
-def _chunked_affine_layer_norm(chunks: list[Array], weight: Array, bias: Array,
-                               eps: float = 1e-5) -> Array:
-  """LayerNorm of ``concatenate(chunks, -1)`` without reading through the concatenation.
+def _layer_norm_stats(x: Array, eps: float = 1e-5) -> tuple[Array, Array]:
+  """(mean, 1/sqrt(var + eps)) over the last axis in float32 from one read of x (E[x^2] - mean^2)."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+  return mean, jax.lax.rsqrt(var + eps)
 
-  Mean and variance (two passes, as the one-array version) are sums of per-chunk sums, so each
-  reduction reads one contiguous chunk; only the normalized result is written as one array.
-  weight/bias: (B, C_total) or (C_total,), broadcast over the spatial axes.
+
+def shared_value(v: Array) -> Array | None:
+  """A norm parameter as one (C,) vector when every image shares it, else None.
+
+  Plain norms' parameters are (C,); time-dependent ones are (B, C), or (1, C) when the model is
+  called with one scalar time for the whole batch (the samplers do: every image sits at the same
+  t). A shared gamma/beta can be folded into the weights of the Linear after the norm.
   """
-  c_total = sum(c.shape[-1] for c in chunks)
-  f32 = [c.astype(jnp.float32) for c in chunks]
-  mean = sum(jnp.sum(c, axis=-1, keepdims=True) for c in f32) / c_total
-  var = sum(jnp.sum(jnp.square(c - mean), axis=-1, keepdims=True) for c in f32) / c_total
-  inv = jax.lax.rsqrt(var + eps)
-  out, start = [], 0
-  for c, cf in zip(chunks, f32):
-    width = c.shape[-1]
-    w = _bcast(weight[..., start:start + width], c) if weight.ndim == 2 else weight[start:start + width]
-    b = _bcast(bias[..., start:start + width], c) if bias.ndim == 2 else bias[start:start + width]
-    out.append(((cf - mean) * inv * w + b).astype(c.dtype))
-    start += width
-  return jnp.concatenate(out, axis=-1)
+  if v.ndim == 1:
+    return v
+  return v[0] if v.shape[0] == 1 else None
 
 
 class TDRMSNorm(nnx.Module):
@@ -143,10 +139,6 @@ class TDLayerNorm(nnx.Module):
 
   def __call__(self, x: Array, tau: Array) -> Array:
     return _affine_layer_norm(x, _bcast(self.weight(tau), x), _bcast(self.bias(tau), x))
-
-  def normalize_chunks(self, chunks: list[Array], tau: Array) -> Array:
-    """Same as ``self(concatenate(chunks, -1), tau)``, reading each chunk separately."""
-    return _chunked_affine_layer_norm(list(chunks), self.weight(tau), self.bias(tau))
 
 
 class RMSNorm(nnx.Module):
@@ -201,6 +193,26 @@ class Dense(nnx.Module):
     x = x.astype(self.dtype)
     # bf16 in, bf16 out (the MXU / tensor cores accumulate in f32 internally); f32 stays exact.
     y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=_acc(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y.astype(self.dtype)
+
+  def on_concatenation(self, xs: list[Array]) -> Array:
+    """``self(concatenate(xs, -1))`` without writing the concatenation: one GEMM per part.
+
+    The parts' GEMMs chain through the GEMM's addend (beta = 1), so the concatenated input is
+    never materialised (the U-ViT skip Linear: 2d inputs, d outputs).
+    """
+    kernel = self.kernel[...].astype(self.dtype)
+    y, start = None, 0
+    for x in xs:
+      width = x.shape[-1]
+      part = jnp.matmul(x.astype(self.dtype), kernel[start:start + width],
+                        preferred_element_type=_acc(self.dtype))
+      y = part if y is None else y + part
+      start += width
+    if start != kernel.shape[0]:
+      raise ValueError(f"parts of width {start} for a Linear of input width {kernel.shape[0]}")
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y.astype(self.dtype)
