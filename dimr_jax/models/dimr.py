@@ -217,9 +217,9 @@ class PixelShuffleUpsample(nnx.Module):
     """
     b = feats.shape[0]
     hh, ww = side
-    gamma, beta = self.norm_in.weight(tau), self.norm_in.bias(tau)
-    if layers.shared_value(gamma) is not None:
-      h = self._folded_norm_linear(feats, gamma[0], beta[0])
+    gamma = layers.shared_value(self.norm_in.weight(tau))
+    if gamma is not None:
+      h = self._folded_norm_linear(feats, gamma, layers.shared_value(self.norm_in.bias(tau)))
     else:
       h = self.linear(self.norm_in(feats, tau))
     h = h[:, :hh * ww].reshape(b, hh, ww, -1)
@@ -233,11 +233,12 @@ class PixelShuffleUpsample(nnx.Module):
     """
     dt = self.linear.dtype
     w = self.linear.kernel[...]
-    wg = gamma[:, None] * w
-    mean, inv = layers._layer_norm_stats(x)
-    z = jnp.matmul(x.astype(dt), wg.astype(dt), preferred_element_type=jnp.float32)
+    # 1^T(g W) from the same (rounded) weights the GEMM uses, so the mean term cancels exactly.
+    wg = (gamma[:, None] * w).astype(dt)
+    mean, inv = layers.layer_norm_stats(x)
+    z = jnp.matmul(x.astype(dt), wg, preferred_element_type=jnp.float32)
     shift = beta @ w + self.linear.bias[...]
-    return (inv * (z - mean * jnp.sum(wg, axis=0)) + shift).astype(dt)
+    return (inv * (z - mean * jnp.sum(wg.astype(jnp.float32), axis=0)) + shift).astype(dt)
 
 
 class Stage(nnx.Module):

@@ -97,7 +97,7 @@ def _affine_layer_norm(x: Array, weight: Array, bias: Array) -> Array:
 
 
 @jax.named_scope("norm")
-def _layer_norm_stats(x: Array, eps: float = 1e-5) -> tuple[Array, Array]:
+def layer_norm_stats(x: Array, eps: float = 1e-5) -> tuple[Array, Array]:
   """(mean, 1/sqrt(var + eps)) over the last axis in float32 from one read of x (E[x^2] - mean^2)."""
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -106,14 +106,12 @@ def _layer_norm_stats(x: Array, eps: float = 1e-5) -> tuple[Array, Array]:
 
 
 def shared_value(v: Array) -> Array | None:
-  """A norm parameter as one (C,) vector when every image shares it, else None.
+  """A time-dependent norm parameter as one (C,) vector when every image shares it, else None.
 
-  Plain norms' parameters are (C,); time-dependent ones are (B, C), or (1, C) when the model is
-  called with one scalar time for the whole batch (the samplers do: every image sits at the same
-  t). A shared gamma/beta can be folded into the weights of the Linear after the norm.
+  TDP values are (B, C), or (1, C) when the model is called with one scalar time for the whole
+  batch (the samplers do: every image sits at the same t). A shared gamma/beta can be folded into
+  the weights of the Linear after the norm.
   """
-  if v.ndim == 1:
-    return v
   return v[0] if v.shape[0] == 1 else None
 
 
@@ -200,8 +198,8 @@ class Dense(nnx.Module):
   def on_concatenation(self, xs: list[Array]) -> Array:
     """``self(concatenate(xs, -1))`` without writing the concatenation: one GEMM per part.
 
-    The parts' GEMMs chain through the GEMM's addend (beta = 1), so the concatenated input is
-    never materialised (the U-ViT skip Linear: 2d inputs, d outputs).
+    The parts' products are summed (XLA can take the running sum as the next GEMM's addend), so
+    the concatenated input is never materialised (the U-ViT skip Linear: 2d inputs, d outputs).
     """
     kernel = self.kernel[...].astype(self.dtype)
     y, start = None, 0
