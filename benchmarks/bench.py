@@ -46,7 +46,7 @@ def build(case: str, args):
   remat = parts[3] if len(parts) > 3 else "none"
   overrides = {"input.batch_size": batch, "model.remat": remat, "model.dtype": args.dtype,
                "input.dataset": "synthetic", "model.attention_impl": args.attention_impl,
-               "model.scan_unroll": args.scan_unroll}
+               "model.scan_unroll": args.scan_unroll, "model.pallas_ops": args.pallas_ops}
   config = config_utils.load_config_file(os.path.join(REPO, CONFIGS[model_name]), overrides)
   mesh = sharding.make_mesh(config.mesh)
   macs = summary.count_macs(config.model)["total"]
@@ -54,7 +54,8 @@ def build(case: str, args):
   rng = np.random.default_rng(0)
   res = {"model": model_name, "kind": kind, "batch": batch, "dtype": args.dtype, "remat": remat,
          "device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
-         "attention_impl": args.attention_impl or "auto", "scan_unroll": args.scan_unroll}
+         "attention_impl": args.attention_impl or "auto", "scan_unroll": args.scan_unroll,
+         "pallas_ops": args.pallas_ops}
   m = config.model
   t0 = time.perf_counter()
   if kind == "train":
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--attention_impl", default="")
   p.add_argument("--scan_unroll", type=int, default=0)
+  p.add_argument("--pallas_ops", default="auto", help="model.pallas_ops: 'auto', '' or e.g. 'dwconv'")
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="peak bf16 TFLOP/s for MFU (the H100 here measured 798 on a dense bf16 GEMM)")
   p.add_argument("--out", default="")
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
   for case in [c for c in args.cases.split(",") if c]:
     cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
            f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
-           f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}"]
+           f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}",
+           f"--pallas_ops={args.pallas_ops}"]
     t = time.perf_counter()
     try:
       # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.

@@ -55,7 +55,8 @@ def make_model(config, rngs: nnx.Rngs) -> dimr_model.DiMR:
   return dimr_model.DiMR(
       dimr_model.model_spec_from_config(config.model), dtype=compute_dtype(config),
       remat=config.model.remat, attention_impl=config.model.attention_impl or None,
-      scan_unroll=config.model.get("scan_unroll", 0) or None, rngs=rngs)
+      scan_unroll=config.model.get("scan_unroll", 0) or None,
+      pallas_ops=config.model.get("pallas_ops", "auto"), rngs=rngs)
 
 
 def abstract_model(config) -> dimr_model.DiMR:

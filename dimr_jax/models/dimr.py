@@ -165,12 +165,14 @@ def _remat_policy(name: str):
   raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
 
 
-def _make_block(s: dict, norm_type: str, dtype, attention_impl, rngs: nnx.Rngs) -> nnx.Module:
+def _make_block(s: dict, norm_type: str, dtype, attention_impl, pallas_ops: tuple[str, ...],
+                rngs: nnx.Rngs) -> nnx.Module:
   if s["block_type"] == "TransformerBlock":
     return layers.TransformerBlock(s["dim"], s["hidden_dim"], s["num_attention_heads"], norm_type,
-                                   dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+                                   dtype=dtype, rngs=rngs, attention_impl=attention_impl,
+                                   pallas_ops=pallas_ops)
   return layers.ConvNeXtBlock(s["dim"], s["hidden_dim"], s.get("kernel_size", 7), norm_type,
-                              dtype=dtype, rngs=rngs)
+                              dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
 
 
 def _stacked_blocks(n: int, make, rngs: nnx.Rngs):
@@ -246,7 +248,8 @@ class Stage(nnx.Module):
 
   def __init__(self, s: dict, *, channels: int, num_classes: int, norm_type: str, lowres_dim: int | None,
                lowres_side: int | None, dtype, remat: str, attention_impl: str | None,
-               scan_unroll: int | bool | None = None, rngs: nnx.Rngs):
+               scan_unroll: int | bool | None = None, pallas_ops: tuple[str, ...] = (),
+               rngs: nnx.Rngs):
     dim = s["dim"]
     self.is_transformer = s["block_type"] == "TransformerBlock"
     self.image_input_ratio = s.get("image_input_ratio", 1)
@@ -271,7 +274,7 @@ class Stage(nnx.Module):
     n = num_built_blocks(s["num_blocks"])
     half = n // 2
     self.num_blocks = n
-    make = lambda r: _make_block(s, norm_type, dtype, attention_impl, r)  # noqa: E731
+    make = lambda r: _make_block(s, norm_type, dtype, attention_impl, pallas_ops, r)  # noqa: E731
     self.in_blocks = _stacked_blocks(half, make, rngs)
     self.mid_block = make(rngs)
     self.out_blocks = _stacked_blocks(half, make, rngs)
@@ -409,12 +412,15 @@ class DiMR(nnx.Module):
     attention_impl: passed to ``jax.nn.dot_product_attention`` (None: let JAX choose; 'cudnn').
     scan_unroll: ``unroll`` of the per-stage block scans; None = fully unrolled on CPU/GPU (fastest
       steps), a rolled loop on TPU (short compiles on pods).
+    pallas_ops: which ops run as Pallas kernels ('auto': the depthwise conv and the GEGLU pass on
+      GPU in 16-bit; '': none; or a comma list, see ``layers.resolve_pallas_ops``).
   """
 
   def __init__(self, spec: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: str = "none",
                attention_impl: str | None = None, scan_unroll: int | bool | None = None,
-               rngs: nnx.Rngs):
+               pallas_ops: str | None = "auto", rngs: nnx.Rngs):
     spec = model_spec_from_config(spec)
+    ops = layers.resolve_pallas_ops(pallas_ops, dtype)
     _remat_policy(remat)  # validate early
     # Stored as a JSON string: graph definitions must hash (jit static args), dicts do not.
     self.spec_json = json.dumps(spec, sort_keys=True)
@@ -427,7 +433,7 @@ class DiMR(nnx.Module):
       st = Stage(s, channels=spec["channels"], num_classes=spec["num_classes"],
                  norm_type=spec["norm_type"], lowres_dim=lowres_dim, lowres_side=lowres_side,
                  dtype=dtype, remat=remat, attention_impl=attention_impl,
-                 scan_unroll=scan_unroll, rngs=rngs)
+                 scan_unroll=scan_unroll, pallas_ops=ops, rngs=rngs)
       stages.append(st)
       lowres_dim = s["dim"] * (num_built_blocks(s["num_blocks"]) + 1)
       lowres_side = s["max_height"]
@@ -455,10 +461,10 @@ class DiMR(nnx.Module):
 
 
 def create_model(config: Any, *, seed: int = 0, dtype: Any = jnp.float32, remat: str = "none",
-                 attention_impl: str | None = None) -> DiMR:
+                 attention_impl: str | None = None, pallas_ops: str | None = "auto") -> DiMR:
   """Builds a DiMR from a config section (``variant`` or official ``stage_configs`` layout)."""
   return DiMR(model_spec_from_config(config), dtype=dtype, remat=remat,
-              attention_impl=attention_impl, rngs=nnx.Rngs(params=seed))
+              attention_impl=attention_impl, pallas_ops=pallas_ops, rngs=nnx.Rngs(params=seed))
 
 
 def abstract_model(config: Any, **kw) -> DiMR:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dimr_jax.models import dwconv_kernel, geglu_kernel
+
 Array = jax.Array
 
 # PyTorch's default Linear/Conv init and the official trunc_normal(0.02) with absolute bounds +-2
@@ -239,11 +241,13 @@ class Conv(nnx.Module):
 class GegluMLP(nnx.Module):
   """Pre-norm GEGLU: ``w2(gelu_exact(w0(n(x))) * w1(n(x)))``, one norm shared by w0 and w1."""
 
-  def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
+               pallas_ops: tuple[str, ...] = ()):
     self.norm = make_norm(norm_type, dim)
     self.w0 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
+    self.geglu_impl = "pallas" if "geglu" in pallas_ops else "xla"
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
@@ -253,9 +257,35 @@ class GegluMLP(nnx.Module):
     # gradient GEMM); the parameters stay separate, as in the official state dict.
     k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
     b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
-    h01 = (jnp.matmul(h, k01, preferred_element_type=_acc(dt)) + b01).astype(dt)
-    h0, h1 = jnp.split(h01, 2, axis=-1)
-    return self.w2(jax.nn.gelu(h0, approximate=False) * h1)
+    h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt))
+    if self.geglu_impl == "xla":
+      h01 = (h01 + b01).astype(dt)
+      return self.w2(geglu_kernel.geglu(h01, impl="xla"))
+    # The Pallas pass adds the bias itself: one read of the GEMM output, no separate add.
+    return self.w2(geglu_kernel.geglu(h01.astype(dt), b01, impl="pallas"))
+
+
+PALLAS_OPS = ("dwconv", "geglu")
+AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
+
+
+def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
+  """Which ops run as Pallas kernels: 'auto' (or None) = :data:`AUTO_PALLAS_OPS` on GPU in 16-bit,
+  none elsewhere (the float32 path stays on XLA, pinned by the fixture tests); '' = none; or a comma
+  list of :data:`PALLAS_OPS` (off GPU they run in Pallas' interpret mode: slow, for tests)."""
+  have_triton = geglu_kernel.pltriton is not None
+  if spec is None or spec == "auto":
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    return AUTO_PALLAS_OPS if have_triton and on_gpu and jnp.dtype(dtype).itemsize == 2 else ()
+  ops = tuple(sorted({o.strip() for o in spec.split(",") if o.strip()}))
+  unknown = [o for o in ops if o not in PALLAS_OPS]
+  if unknown:
+    raise ValueError(f"pallas_ops: unknown op(s) {unknown}; use 'auto', '' or a comma list of "
+                     f"{list(PALLAS_OPS)}")
+  if ops and not have_triton:
+    raise ValueError(f"pallas_ops={spec!r}: this jax has no Pallas Triton backend; use "
+                     "pallas_ops='' (XLA) or a jax release that still ships it")
+  return ops
 
 
 def resolve_attention_impl(impl: str | None, dtype: Any) -> str | None:
@@ -352,10 +382,10 @@ class TransformerBlock(nnx.Module):
   """``x + Attn(x)`` then ``x + MLP(x)`` (official names block1 / block2)."""
 
   def __init__(self, dim: int, hidden: int, num_heads: int, norm_type: str, *, dtype: Any,
-               rngs: nnx.Rngs, attention_impl: str | None = None):
+               rngs: nnx.Rngs, attention_impl: str | None = None, pallas_ops: tuple[str, ...] = ()):
     self.block1 = Attention(dim, num_heads, norm_type, dtype=dtype, rngs=rngs,
                             attention_impl=attention_impl)
-    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
+    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
 
   def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
     x = x + self.block1(x, tau, seq_len=seq_len)
@@ -366,15 +396,22 @@ class ConvNeXtBlock(nnx.Module):
   """DiMR's ConvNeXt variant: ``x + dwconv(x)`` (no norm, no activation), then ``x + MLP(x)``."""
 
   def __init__(self, dim: int, hidden: int, kernel_size: int, norm_type: str, *, dtype: Any,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, pallas_ops: tuple[str, ...] = ()):
     pad = kernel_size // 2
     self.block1 = Conv(dim, dim, kernel_size, padding=((pad, pad), (pad, pad)), groups=dim,
                        dtype=dtype, rngs=rngs)
-    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs)
+    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
+    self.pallas_dwconv = "dwconv" in pallas_ops
 
   def __call__(self, x: Array, tau: Array) -> Array:
     with jax.named_scope("dwconv"):
-      x = x + self.block1(x)
+      conv = self.block1
+      if self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0]):
+        # x + b + dwconv(x) in one kernel (cuDNN's depthwise conv runs far below memory speed).
+        x = dwconv_kernel.dwconv_residual(x.astype(conv.dtype), conv.kernel[...][:, :, 0, :],
+                                          conv.bias[...])
+      else:
+        x = x + conv(x)
     return x + self.block2(x, tau)
 
 
