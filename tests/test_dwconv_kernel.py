@@ -54,13 +54,17 @@ def test_bad_shapes_and_unsupported_tilings_are_named():
     dwconv_kernel.dwconv_residual(jnp.zeros((1, 8, 12, 16)), w, b)
 
 
-def test_convnext_block_with_pallas_ops_matches_xla_path():
-  """The model's ConvNeXt block gives the same output and gradients with the kernels on or off."""
+@pytest.mark.parametrize("kind", ["convnext", "transformer"])
+def test_blocks_with_pallas_ops_match_xla_path(kind):
+  """The model's blocks give the same output and gradients with every Pallas kernel on or off."""
   def block(ops):
+    if kind == "transformer":
+      return layers.TransformerBlock(16, 32, 2, "TDRMSN", dtype=jnp.float32,
+                                     rngs=nnx.Rngs(params=3), pallas_ops=ops)
     return layers.ConvNeXtBlock(16, 32, 7, "TDRMSN", dtype=jnp.float32, rngs=nnx.Rngs(params=3),
                                 pallas_ops=ops)
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))
-  tau = jnp.full((2, 1), 0.3)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16) if kind == "convnext" else (2, 12, 16))
+  tau = jax.random.uniform(jax.random.key(2), (2, 1))  # per-image time: a (B, d) norm scale
 
   def run(ops):
     m = block(ops)
@@ -68,7 +72,7 @@ def test_convnext_block_with_pallas_ops_matches_xla_path():
     f = lambda p, x: jnp.sum(nnx.merge(gd, p)(x, tau) ** 2)  # noqa: E731
     return nnx.merge(gd, params)(x, tau), jax.grad(f, argnums=(0, 1))(params, x)
 
-  (y0, (gp0, gx0)), (y1, (gp1, gx1)) = run(()), run(("dwconv", "geglu"))
+  (y0, (gp0, gx0)), (y1, (gp1, gx1)) = run(()), run(layers.PALLAS_OPS)
   np.testing.assert_allclose(y1, y0, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(gx1, gx0, atol=2e-4 * float(jnp.abs(gx0).max()))
   for a, e in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):
@@ -77,7 +81,8 @@ def test_convnext_block_with_pallas_ops_matches_xla_path():
 
 def test_pallas_ops_resolution():
   assert layers.resolve_pallas_ops("", jnp.bfloat16) == ()
-  assert layers.resolve_pallas_ops("geglu, dwconv", jnp.float32) == ("dwconv", "geglu")
+  assert layers.resolve_pallas_ops("rmsnorm,geglu, dwconv", jnp.float32) == ("dwconv", "geglu",
+                                                                             "rmsnorm")
   on_cpu = jax.default_backend() == "cpu"
   assert layers.resolve_pallas_ops("auto", jnp.bfloat16) == (() if on_cpu else layers.AUTO_PALLAS_OPS)
   assert layers.resolve_pallas_ops("auto", jnp.float32) == ()

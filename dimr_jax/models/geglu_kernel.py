@@ -192,16 +192,23 @@ def _fwd_kernel(h_ref, b_ref, o_ref, *, rows: int):
   _store(o_ref, (gelu_f32(h0) * h1).astype(o_ref.dtype), mask)
 
 
-def _bwd_kernel(h_ref, b_ref, g_ref, o_ref, *, rows: int):
-  """o[:, 0] = g * h1 * gelu'(h0), o[:, 1] = g * gelu(h0); gelu'(x) = Phi(x) + x * pdf(x)."""
+def _bwd_kernel(h_ref, b_ref, g_ref, o_ref, db_ref, *, rows: int):
+  """o[:, 0] = g * h1 * gelu'(h0), o[:, 1] = g * gelu(h0); gelu'(x) = Phi(x) + x * pdf(x).
+
+  Also this block's column sums of both halves (the bias gradient's partial sums, float32), so
+  the bias gradient needs no second read of dh01. Masked rows load as zero and add nothing.
+  """
   bm, bh = g_ref.shape
   mask = _row_mask(rows, bm, bh)
   h0, h1 = _halves(h_ref, b_ref, mask, o_ref.dtype)
   g = _load(g_ref, mask).astype(jnp.float32)
   cdf, ex = normal_cdf(h0)
   dgelu = cdf + h0 * ex * _INV_SQRT_2PI
-  _store(o_ref.at[:, _I0, :], (g * h1 * dgelu).astype(o_ref.dtype), mask)
-  _store(o_ref.at[:, _I1, :], (g * (h0 * cdf)).astype(o_ref.dtype), mask)
+  d0, d1 = g * h1 * dgelu, g * (h0 * cdf)
+  _store(o_ref.at[:, _I0, :], d0.astype(o_ref.dtype), mask)
+  _store(o_ref.at[:, _I1, :], d1.astype(o_ref.dtype), mask)
+  db_ref[0, _I0, :] = jnp.sum(d0, axis=0)
+  db_ref[0, _I1, :] = jnp.sum(d1, axis=0)
 
 
 def _blocks(rows: int, hidden: int, cfg: _Config):
@@ -224,16 +231,19 @@ def _fwd_call(h01: Array, b01: Array, cfg: _Config) -> Array:
   )(h01.reshape(rows, 2, hidden), b01.reshape(2, hidden))
 
 
-def _bwd_call(h01: Array, b01: Array, g: Array, cfg: _Config) -> Array:
+def _bwd_call(h01: Array, b01: Array, g: Array, cfg: _Config) -> tuple[Array, Array]:
+  """(dh01, dbias): dbias from the kernel's per-row-block column sums, summed here."""
   rows, hidden = h01.shape[0], h01.shape[1] // 2
   grid, pair, half, bias = _blocks(rows, hidden, cfg)
-  dh = pl.pallas_call(
+  partial = pl.BlockSpec((1, 2, cfg.bh), lambda j, i: (i, 0, j))
+  dh, db = pl.pallas_call(
       functools.partial(_bwd_kernel, rows=rows),
-      out_shape=jax.ShapeDtypeStruct((rows, 2, hidden), h01.dtype),
-      grid=grid, in_specs=[pair, bias, half], out_specs=pair,
+      out_shape=(jax.ShapeDtypeStruct((rows, 2, hidden), h01.dtype),
+                 jax.ShapeDtypeStruct((grid[1], 2, hidden), jnp.float32)),
+      grid=grid, in_specs=[pair, bias, half], out_specs=(pair, partial),
       compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="geglu_bwd",
   )(h01.reshape(rows, 2, hidden), b01.reshape(2, hidden), g.astype(h01.dtype))
-  return dh.reshape(rows, 2 * hidden)
+  return dh.reshape(rows, 2 * hidden), jnp.sum(db, axis=0).reshape(2 * hidden)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -247,8 +257,8 @@ def _geglu_pallas_fwd(h01: Array, b01: Array, cfg: _Config):
 
 def _geglu_pallas_bwd(cfg: _Config, res, g: Array):
   h01, b01 = res
-  dh = _bwd_call(h01, b01, g, cfg)
-  return dh, jnp.sum(dh, axis=0, dtype=jnp.float32).astype(b01.dtype)
+  dh, db = _bwd_call(h01, b01, g, cfg)
+  return dh, db.astype(b01.dtype)
 
 
 _geglu_pallas.defvjp(_geglu_pallas_fwd, _geglu_pallas_bwd)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimr_jax.models import dwconv_kernel, geglu_kernel
+from dimr_jax.models import dwconv_kernel, geglu_kernel, rmsnorm_kernel
 
 Array = jax.Array
 
@@ -65,16 +65,7 @@ class TimeDependentParameter(nnx.Module):
     return p1 + gate * (p0 - p1)
 
 
-def _bcast(v: Array, x: Array) -> Array:
-  """(B, C) -> (B, 1, ..., 1, C) to broadcast against x of rank >= 2."""
-  return v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:])
-
-
-def _rms_normalize(x: Array) -> Array:
-  """x / (||x||_2 / sqrt(d) + 1e-8), eps added to the RMS (outside the sqrt) as the official code."""
-  xf = x.astype(jnp.float32)
-  rms = jnp.sqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True))
-  return xf / (rms + 1e-8)
+_bcast = rmsnorm_kernel._bcast  # (B, C) -> (B, 1, ..., 1, C)
 
 
 def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
@@ -86,10 +77,8 @@ def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
 
 # The norms are rematerialised: their float32 intermediates are cheap to recompute but would
 # otherwise be saved for the backward pass (several full-size f32 copies per block in bf16 training).
-@jax.named_scope("norm")
-@jax.checkpoint
-def _scaled_rms_norm(x: Array, scale: Array) -> Array:
-  return (_rms_normalize(x) * scale).astype(x.dtype)
+# The RMS norm's XLA expression lives beside its Pallas kernels (rmsnorm_kernel.py).
+_scaled_rms_norm = rmsnorm_kernel.scaled_rms_norm_xla
 
 
 @jax.named_scope("norm")
@@ -120,10 +109,13 @@ def shared_value(v: Array) -> Array | None:
 class TDRMSNorm(nnx.Module):
   """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift."""
 
-  def __init__(self, dim: int):
+  def __init__(self, dim: int, pallas_ops: tuple[str, ...] = ()):
     self.scale = TimeDependentParameter(dim, 1.0)
+    self.impl = "pallas" if "rmsnorm" in pallas_ops else "xla"
 
   def __call__(self, x: Array, tau: Array) -> Array:
+    if self.impl == "pallas":  # one read of x forward; backward saves x and scale only
+      return rmsnorm_kernel.scaled_rms_norm(x, self.scale(tau), impl="pallas")
     return _scaled_rms_norm(x, _bcast(self.scale(tau), x))
 
 
@@ -167,11 +159,13 @@ class LayerNorm(nnx.Module):
 NORM_TYPES = {"TDRMSN": TDRMSNorm, "LN": TDLayerNorm, "RMSN": RMSNorm, "PLAIN_LN": LayerNorm}
 
 
-def make_norm(norm_type: str, dim: int) -> nnx.Module:
+def make_norm(norm_type: str, dim: int, pallas_ops: tuple[str, ...] = ()) -> nnx.Module:
   if norm_type not in NORM_TYPES:
     raise ValueError(
         f"unknown norm_type {norm_type!r}; choose one of {sorted(NORM_TYPES)} "
         "('TDRMSN' is the released DiMR choice, 'LN' the paper's TD-LayerNorm)")
+  if norm_type == "TDRMSN":
+    return TDRMSNorm(dim, pallas_ops)
   return NORM_TYPES[norm_type](dim)
 
 
@@ -243,7 +237,7 @@ class GegluMLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
                pallas_ops: tuple[str, ...] = ()):
-    self.norm = make_norm(norm_type, dim)
+    self.norm = make_norm(norm_type, dim, pallas_ops)
     self.w0 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
@@ -265,7 +259,7 @@ class GegluMLP(nnx.Module):
     return self.w2(geglu_kernel.geglu(h01.astype(dt), b01, impl="pallas"))
 
 
-PALLAS_OPS = ("dwconv", "geglu")
+PALLAS_OPS = ("dwconv", "geglu", "rmsnorm")
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 
 
@@ -348,10 +342,10 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
-               attention_impl: str | None = None):
+               attention_impl: str | None = None, pallas_ops: tuple[str, ...] = ()):
     if dim % num_heads:
       raise ValueError(f"dim {dim} is not divisible by num_attention_heads {num_heads}")
-    self.norm = make_norm(norm_type, dim)
+    self.norm = make_norm(norm_type, dim, pallas_ops)
     self.query_key_value = Dense(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
     self.dense = Dense(dim, dim, dtype=dtype, rngs=rngs)
     self.num_heads = num_heads
@@ -384,7 +378,7 @@ class TransformerBlock(nnx.Module):
   def __init__(self, dim: int, hidden: int, num_heads: int, norm_type: str, *, dtype: Any,
                rngs: nnx.Rngs, attention_impl: str | None = None, pallas_ops: tuple[str, ...] = ()):
     self.block1 = Attention(dim, num_heads, norm_type, dtype=dtype, rngs=rngs,
-                            attention_impl=attention_impl)
+                            attention_impl=attention_impl, pallas_ops=pallas_ops)
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
 
   def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
