@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import dwconv_kernel  # noqa: E402
+from dimr_jax.models import dwconv_kernel, pallas_util  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py
 
 
@@ -118,7 +118,7 @@ def residual(args):
   def pallas(**kw):
     return lambda x, w, b: dwconv_kernel.dwconv_residual(x, w, b, **kw)
 
-  eff = lambda n, cap: dwconv_kernel._pow2_divisor(n, cap)  # noqa: E731  (the tile actually used)
+  eff = lambda n, cap: pallas_util.pow2_divisor(n, cap)  # noqa: E731  (the tile actually used)
   tiles = [(8, 32, 4)]
   if args.tune:
     tiles = sorted({(eff(args.side, th), eff(args.dim, bc), nw)

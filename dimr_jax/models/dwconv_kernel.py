@@ -26,20 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-try:  # the Pallas Triton backend is deprecated in jax 0.11 and may be gone in later releases
-  from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - depends on the installed jax
-  plgpu = None
+
+from dimr_jax.models import pallas_util as pu
 
 Array = jax.Array
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-  """Largest power of two <= cap dividing n (1 if n is odd)."""
-  d = 1
-  while d * 2 <= cap and n % (d * 2) == 0:
-    d *= 2
-  return d
 
 
 def _is_pow2(n: int) -> bool:
@@ -49,16 +39,8 @@ def _is_pow2(n: int) -> bool:
 def supported(x_shape: tuple[int, ...], kernel_size: int) -> bool:
   """Triton blocks need power-of-two extents: the image width, a row tile, a channel block >= 8."""
   _, h, w, c = x_shape
-  return (kernel_size % 2 == 1 and _is_pow2(w) and _pow2_divisor(h, 8) >= 2
-          and _pow2_divisor(c, 64) >= 8)
-
-
-def _interpret() -> bool:
-  return jax.default_backend() == "cpu"
-
-
-def _compiler_params(num_warps: int):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return (kernel_size % 2 == 1 and _is_pow2(w) and pu.pow2_divisor(h, 8) >= 2
+          and pu.pow2_divisor(c, 64) >= 8)
 
 
 def _conv_kernel(xp_ref, w_ref, b_ref, o_ref, *, k: int, th: int, bc: int):
@@ -120,22 +102,22 @@ def _conv_call(xp: Array, w: Array, bias: Array, out_shape, *, row_tile: int, ch
                num_warps: int) -> Array:
   n, h, width, c = out_shape
   k = w.shape[0]
-  th, bc = _pow2_divisor(h, row_tile), _pow2_divisor(c, channel_block)
+  th, bc = pu.pow2_divisor(h, row_tile), pu.pow2_divisor(c, channel_block)
   kernel = functools.partial(_conv_kernel, k=k, th=th, bc=bc)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct(out_shape, xp.dtype), grid=(n, h // th, c // bc),
-      compiler_params=_compiler_params(num_warps), interpret=_interpret(),
+      compiler_params=pu.compiler_params(num_warps), interpret=pu.interpret_default(),
       name="dwconv_residual")(xp, w, bias)
 
 
 def _grad_w_call(xp: Array, g: Array, k: int, *, row_tile: int, channel_block: int,
                  num_warps: int) -> Array:
   n, h, _, c = g.shape
-  th, bc = _pow2_divisor(h, row_tile), _pow2_divisor(c, channel_block)
+  th, bc = pu.pow2_divisor(h, row_tile), pu.pow2_divisor(c, channel_block)
   kernel = functools.partial(_grad_w_kernel, k=k, th=th, bc=bc)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((n, k * k + 1, c), jnp.float32), grid=(n, c // bc),
-      compiler_params=_compiler_params(num_warps), interpret=_interpret(),
+      compiler_params=pu.compiler_params(num_warps), interpret=pu.interpret_default(),
       name="dwconv_grad_w")(xp, g)
 
 

@@ -34,10 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-try:  # the Pallas Triton backend is deprecated in jax 0.11 and may be gone in later releases
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover - depends on the installed jax
-  pltriton = None
+
+from dimr_jax.models import pallas_util as pu
 
 Array = jax.Array
 
@@ -125,25 +123,6 @@ class _Config(NamedTuple):
   interpret: bool
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  """Largest power of two <= cap dividing n (1 if n is odd)."""
-  d = 1
-  while d * 2 <= cap and n % (d * 2) == 0:
-    d *= 2
-  return d
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _compiler_params(cfg: _Config):
-  # Passing Triton's params is also what selects the Triton backend (jax 0.10 defaults pallas_call
-  # on GPU to Mosaic GPU). The class was TritonCompilerParams in older releases.
-  cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
-  return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _row_mask(rows: int, bm: int, bh: int) -> Array | None:
   """Rows of this program's block that exist, or None when bm divides M (no mask needed).
 
@@ -161,24 +140,11 @@ def _row_mask(rows: int, bm: int, bh: int) -> Array | None:
 _I0, _I1 = np.int32(0), np.int32(1)
 
 
-def _load(ref, mask: Array | None) -> Array:
-  if mask is None:
-    return ref[...]
-  return pltriton.load(ref, mask=mask, other=0)
-
-
-def _store(ref, val: Array, mask: Array | None) -> None:
-  if mask is None:
-    ref[...] = val
-  else:
-    pltriton.store(ref, val, mask=mask)
-
-
 def _halves(h_ref, b_ref, mask, dtype):
   """The two halves of a (bm, 2, bh) block plus their bias columns, as the GEMM+bias would give
   them: the sum rounded to the compute dtype (what XLA's path feeds gelu), then float32."""
-  h0 = _load(h_ref.at[:, _I0, :], mask).astype(jnp.float32)
-  h1 = _load(h_ref.at[:, _I1, :], mask).astype(jnp.float32)
+  h0 = pu.load(h_ref.at[:, _I0, :], mask).astype(jnp.float32)
+  h1 = pu.load(h_ref.at[:, _I1, :], mask).astype(jnp.float32)
   h0 = (h0 + b_ref[_I0, :].astype(jnp.float32)[None, :]).astype(dtype).astype(jnp.float32)
   h1 = (h1 + b_ref[_I1, :].astype(jnp.float32)[None, :]).astype(dtype).astype(jnp.float32)
   return h0, h1
@@ -189,7 +155,7 @@ def _fwd_kernel(h_ref, b_ref, o_ref, *, rows: int):
   bm, bh = o_ref.shape
   mask = _row_mask(rows, bm, bh)
   h0, h1 = _halves(h_ref, b_ref, mask, o_ref.dtype)
-  _store(o_ref, (gelu_f32(h0) * h1).astype(o_ref.dtype), mask)
+  pu.store(o_ref, (gelu_f32(h0) * h1).astype(o_ref.dtype), mask)
 
 
 def _bwd_kernel(h_ref, b_ref, g_ref, o_ref, db_ref, *, rows: int):
@@ -201,12 +167,12 @@ def _bwd_kernel(h_ref, b_ref, g_ref, o_ref, db_ref, *, rows: int):
   bm, bh = g_ref.shape
   mask = _row_mask(rows, bm, bh)
   h0, h1 = _halves(h_ref, b_ref, mask, o_ref.dtype)
-  g = _load(g_ref, mask).astype(jnp.float32)
+  g = pu.load(g_ref, mask).astype(jnp.float32)
   cdf, ex = normal_cdf(h0)
   dgelu = cdf + h0 * ex * _INV_SQRT_2PI
   d0, d1 = g * h1 * dgelu, g * (h0 * cdf)
-  _store(o_ref.at[:, _I0, :], d0.astype(o_ref.dtype), mask)
-  _store(o_ref.at[:, _I1, :], d1.astype(o_ref.dtype), mask)
+  pu.store(o_ref.at[:, _I0, :], d0.astype(o_ref.dtype), mask)
+  pu.store(o_ref.at[:, _I1, :], d1.astype(o_ref.dtype), mask)
   db_ref[0, _I0, :] = jnp.sum(d0, axis=0)
   db_ref[0, _I1, :] = jnp.sum(d1, axis=0)
 
@@ -227,7 +193,8 @@ def _fwd_call(h01: Array, b01: Array, cfg: _Config) -> Array:
       functools.partial(_fwd_kernel, rows=rows),
       out_shape=jax.ShapeDtypeStruct((rows, hidden), h01.dtype),
       grid=grid, in_specs=[pair, bias], out_specs=half,
-      compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="geglu_fwd",
+      compiler_params=pu.compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=cfg.interpret, name="geglu_fwd",
   )(h01.reshape(rows, 2, hidden), b01.reshape(2, hidden))
 
 
@@ -241,7 +208,8 @@ def _bwd_call(h01: Array, b01: Array, g: Array, cfg: _Config) -> tuple[Array, Ar
       out_shape=(jax.ShapeDtypeStruct((rows, 2, hidden), h01.dtype),
                  jax.ShapeDtypeStruct((grid[1], 2, hidden), jnp.float32)),
       grid=grid, in_specs=[pair, bias, half], out_specs=(pair, partial),
-      compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="geglu_bwd",
+      compiler_params=pu.compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=cfg.interpret, name="geglu_bwd",
   )(h01.reshape(rows, 2, hidden), b01.reshape(2, hidden), g.astype(h01.dtype))
   return dh.reshape(rows, 2 * hidden), jnp.sum(db, axis=0).reshape(2 * hidden)
 
@@ -303,11 +271,11 @@ def geglu(h01: Array, bias: Array | None = None, *, impl: str = "xla", bm: int |
   if rows == 0 or hidden == 0:
     return jnp.zeros((*lead, hidden), h01.dtype)
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  bh = _pow2_divisor(hidden, bh)
+    interpret = pu.interpret_default()
+  bh = pu.pow2_divisor(hidden, bh)
   if bm is None:
     bm = min(max(_BLOCK_ELEMS // bh, 16), 1024)
-  cfg = _Config(bm=min(bm, _next_pow2(rows)), bh=bh, num_warps=num_warps, num_stages=num_stages,
+  cfg = _Config(bm=min(bm, pu.next_pow2(rows)), bh=bh, num_warps=num_warps, num_stages=num_stages,
                 interpret=bool(interpret))
   b01 = jnp.zeros((2 * hidden,), h01.dtype) if bias is None else bias.astype(h01.dtype)
   out = _geglu_pallas(h01.reshape(rows, 2 * hidden), b01, cfg)

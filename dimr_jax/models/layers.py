@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimr_jax.models import dwconv_kernel, geglu_kernel, rmsnorm_kernel
+from dimr_jax.models import dwconv_kernel, geglu_kernel, pallas_util, rmsnorm_kernel
 
 Array = jax.Array
 
@@ -267,7 +267,7 @@ def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
   """Which ops run as Pallas kernels: 'auto' (or None) = :data:`AUTO_PALLAS_OPS` on GPU in 16-bit,
   none elsewhere (the float32 path stays on XLA, pinned by the fixture tests); '' = none; or a comma
   list of :data:`PALLAS_OPS` (off GPU they run in Pallas' interpret mode: slow, for tests)."""
-  have_triton = geglu_kernel.pltriton is not None
+  have_triton = pallas_util.available()
   if spec is None or spec == "auto":
     on_gpu = jax.default_backend() in ("gpu", "cuda")
     return AUTO_PALLAS_OPS if have_triton and on_gpu and jnp.dtype(dtype).itemsize == 2 else ()

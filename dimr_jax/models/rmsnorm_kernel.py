@@ -46,10 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-try:  # the Pallas Triton backend is deprecated in jax 0.11 and may be gone in later releases
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover - depends on the installed jax
-  pltriton = None
+
+from dimr_jax.models import pallas_util as pu
 
 Array = jax.Array
 
@@ -97,17 +95,6 @@ class _Config(NamedTuple):
   interpret: bool
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _compiler_params(cfg: _Config):
-  # Passing Triton's params is also what selects the Triton backend (jax 0.10 defaults pallas_call
-  # on GPU to Mosaic GPU). The class was TritonCompilerParams in older releases.
-  cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
-  return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _tile_mask(rows: int, d: int, bm: int, dpad: int) -> Array | None:
   """Elements of this program's (bm, dpad) tile that exist (None when the tile is all inside).
 
@@ -124,24 +111,11 @@ def _tile_mask(rows: int, d: int, bm: int, dpad: int) -> Array | None:
   return mask
 
 
-def _load(ref, mask: Array | None) -> Array:
-  if mask is None:
-    return ref[...]
-  return pltriton.load(ref, mask=mask, other=0)
-
-
-def _store(ref, val: Array, mask: Array | None) -> None:
-  if mask is None:
-    ref[...] = val
-  else:
-    pltriton.store(ref, val, mask=mask)
-
-
 def _load_scale(s_ref, d: int) -> Array:
   """The (1, dpad) scale row of this program's sample, 0 in the padding columns, float32."""
   dpad = s_ref.shape[-1]
   mask = None if dpad == d else lax.broadcasted_iota(jnp.int32, (1, dpad), 1) < d
-  return _load(s_ref, mask).astype(jnp.float32)
+  return pu.load(s_ref, mask).astype(jnp.float32)
 
 
 def _row_stats(x: Array, d: int) -> tuple[Array, Array]:
@@ -154,11 +128,11 @@ def _fwd_kernel(x_ref, s_ref, y_ref, *, rows: int, d: int):
   """y = x / (rms + eps) * s on one (bm, dpad) tile of one sample."""
   bm, dpad = y_ref.shape
   mask = _tile_mask(rows, d, bm, dpad)
-  x = _load(x_ref, mask).astype(jnp.float32)
+  x = pu.load(x_ref, mask).astype(jnp.float32)
   _, denom = _row_stats(x, d)
   # A division (not a reciprocal times x) as XLA's expression, so float32 results agree closely.
   y = x / denom * _load_scale(s_ref, d)
-  _store(y_ref, y.astype(y_ref.dtype), mask)
+  pu.store(y_ref, y.astype(y_ref.dtype), mask)
 
 
 def _bwd_kernel(x_ref, s_ref, g_ref, dx_ref, ds_ref, *, rows: int, d: int):
@@ -169,8 +143,8 @@ def _bwd_kernel(x_ref, s_ref, g_ref, dx_ref, ds_ref, *, rows: int, d: int):
   """
   bm, dpad = dx_ref.shape
   mask = _tile_mask(rows, d, bm, dpad)
-  x = _load(x_ref, mask).astype(jnp.float32)
-  g = _load(g_ref, mask).astype(jnp.float32)
+  x = pu.load(x_ref, mask).astype(jnp.float32)
+  g = pu.load(g_ref, mask).astype(jnp.float32)
   s = _load_scale(s_ref, d)
   rms, denom = _row_stats(x, d)
   r = 1.0 / denom
@@ -178,7 +152,7 @@ def _bwd_kernel(x_ref, s_ref, g_ref, dx_ref, ds_ref, *, rows: int, d: int):
   # r^2 / (d rms) * sum(g s x); the limit for a zero row (rms = 0, so x = 0 and the sum = 0) is 0.
   coef = jnp.where(rms > 0.0, r * r / (d * jnp.where(rms > 0.0, rms, 1.0)), 0.0)
   proj = jnp.sum(gs * x, axis=1, keepdims=True) * coef
-  _store(dx_ref, (r * gs - x * proj).astype(dx_ref.dtype), mask)
+  pu.store(dx_ref, (r * gs - x * proj).astype(dx_ref.dtype), mask)
   ds_ref[...] = jnp.sum(g * (x / denom), axis=0, keepdims=True)
 
 
@@ -194,19 +168,20 @@ def _specs(n_scale: int, dpad: int, bm: int):
 
 def _fwd_call(x: Array, scale: Array, cfg: _Config) -> Array:
   batch, rows, d = x.shape
-  dpad = _next_pow2(d)
+  dpad = pu.next_pow2(d)
   tile, sspec = _specs(scale.shape[0], dpad, cfg.bm)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, rows=rows, d=d),
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       grid=(batch, pl.cdiv(rows, cfg.bm)), in_specs=[tile, sspec], out_specs=tile,
-      compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="rmsnorm_fwd",
+      compiler_params=pu.compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=cfg.interpret, name="rmsnorm_fwd",
   )(x, scale)
 
 
 def _bwd_call(x: Array, scale: Array, g: Array, cfg: _Config) -> tuple[Array, Array]:
   batch, rows, d = x.shape
-  dpad = _next_pow2(d)
+  dpad = pu.next_pow2(d)
   tile, sspec = _specs(scale.shape[0], dpad, cfg.bm_bwd)
   nblk = pl.cdiv(rows, cfg.bm_bwd)
   part = pl.BlockSpec((_SQUEEZED, 1, dpad), lambda b, i: (b, i, 0))
@@ -215,7 +190,8 @@ def _bwd_call(x: Array, scale: Array, g: Array, cfg: _Config) -> tuple[Array, Ar
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((batch, nblk, dpad), jnp.float32)),
       grid=(batch, nblk), in_specs=[tile, sspec, tile], out_specs=(tile, part),
-      compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="rmsnorm_bwd",
+      compiler_params=pu.compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=cfg.interpret, name="rmsnorm_bwd",
   )(x, scale, g.astype(x.dtype))
   ds = jnp.sum(partial_ds[:, :, :d], axis=1)  # (B, d)
   if scale.shape[0] == 1:
@@ -279,11 +255,11 @@ def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None
   if x.size == 0:
     return jnp.zeros(x.shape, x.dtype)
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = pu.interpret_default()
   if bm is None:
-    bm = max(1, _BLOCK_ELEMS // _next_pow2(d))
+    bm = max(1, _BLOCK_ELEMS // pu.next_pow2(d))
   bm_bwd = bm if bm_bwd is None else bm_bwd
-  cfg = _Config(bm=min(bm, _next_pow2(rows)), bm_bwd=min(bm_bwd, _next_pow2(rows)),
+  cfg = _Config(bm=min(bm, pu.next_pow2(rows)), bm_bwd=min(bm_bwd, pu.next_pow2(rows)),
                 num_warps=num_warps, num_stages=num_stages,
                 interpret=bool(interpret))
   y = _rms_norm_pallas(x.reshape(batch, rows, d), scale, cfg)
