@@ -203,16 +203,18 @@ def params_to_official(params: nnx.State, spec_or_config: Any) -> dict[str, np.n
   return out
 
 
-def load_official(source: Any, model_config: Any, *, dtype: Any = jnp.float32
-                  ) -> Callable[[Any, Any, Any], list]:
+def load_official(source: Any, model_config: Any, *, dtype: Any = jnp.float32,
+                  pallas_ops: str | None = "auto") -> Callable[[Any, Any, Any], list]:
   """Loads an official checkpoint and returns ``apply(x_nhwc, time_input, y) -> [eps_low, ..., eps_high]``.
 
   ``source``: path (.pth read without torch, .npz, .safetensors) or mapping key -> array.
   ``model_config``: our config section (``variant`` ...) or the official layout dict.
+  ``pallas_ops``: as the model's (which ops run as Pallas kernels; 'auto': GPU + 16-bit only).
   """
   spec = dimr_model.model_spec_from_config(model_config)
   sd = weights.load_state_dict(source)
-  model = nnx.eval_shape(lambda: dimr_model.DiMR(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: dimr_model.DiMR(spec, dtype=dtype, pallas_ops=pallas_ops,
+                                                 rngs=nnx.Rngs(0)))
   params = official_to_params(sd, spec, model)
   graphdef, abstract_state = nnx.split(model)
   params = jax.tree.map(jnp.asarray, params)

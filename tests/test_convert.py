@@ -43,11 +43,15 @@ def test_fixture_outputs_match_official(fixtures_dir, name):
     np.testing.assert_allclose(np.asarray(o), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_path_close_to_float32(fixtures_dir):
+# '': XLA only (the CPU/TPU path); 'geglu': the GPU default in bf16; all kernels (opt-in). Off GPU
+# the Pallas kernels run in interpret mode: the same arithmetic the GPU compiles.
+@pytest.mark.parametrize("pallas_ops", ["", "geglu", "dwconv,geglu,rmsnorm"])
+def test_bf16_path_close_to_float32(fixtures_dir, pallas_ops):
   import jax.numpy as jnp
   d, meta, sd = _load(fixtures_dir, "dimr_tiny_2r_perturbed")
-  f32 = convert.load_official(sd, meta["config_passed_to_MRModel"])
-  bf16 = convert.load_official(sd, meta["config_passed_to_MRModel"], dtype=jnp.bfloat16)
+  f32 = convert.load_official(sd, meta["config_passed_to_MRModel"], pallas_ops="")
+  bf16 = convert.load_official(sd, meta["config_passed_to_MRModel"], dtype=jnp.bfloat16,
+                               pallas_ops=pallas_ops)
   x, t, y = _nhwc(d["input/x"]), d["input/log_snr"], d["input/y"]
   t_shared = np.asarray(d["input/log_snr_same"]).reshape(-1)[0]
   for tt in (t, t_shared):  # per-image times, and one scalar time (the folded sampling path)
