@@ -412,8 +412,9 @@ class DiMR(nnx.Module):
     attention_impl: passed to ``jax.nn.dot_product_attention`` (None: let JAX choose; 'cudnn').
     scan_unroll: ``unroll`` of the per-stage block scans; None = fully unrolled on CPU/GPU (fastest
       steps), a rolled loop on TPU (short compiles on pods).
-    pallas_ops: which ops run as Pallas kernels ('auto': the depthwise conv and the GEGLU pass on
-      GPU in 16-bit; '': none; or a comma list, see ``layers.resolve_pallas_ops``).
+    pallas_ops: which ops run as Pallas kernels ('auto': those measured faster inside the model,
+      ``layers.AUTO_PALLAS_OPS`` (the GEGLU pass), on GPU in 16-bit; '': none; or a comma list,
+      see ``layers.resolve_pallas_ops``).
   """
 
   def __init__(self, spec: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: str = "none",

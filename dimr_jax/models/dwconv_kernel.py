@@ -1,10 +1,14 @@
 """Depthwise k x k convolution + bias + residual as Pallas (Triton) kernels, with a custom VJP.
 
 DiMR's ConvNeXt block starts with ``x + dwconv(x) + b`` (7x7, one channel per group, 'SAME').
-cuDNN's depthwise convolution runs ~5x below memory speed on an H100 (1.0 ms for a
-(250, 32, 32, 480) bf16 forward that moves 0.25 GB: benchmarks/dwconv.py), which made it ~9% of a
-DiMR-XL sampling step. These kernels compute the op as k*k shifted multiply-adds in float32
-registers, reading each shifted tile through the cache, and fold the residual and the bias in:
+cuDNN's depthwise convolution runs far below memory speed on an H100 (~0.9 ms per launch inside a
+DiMR-XL sampling step for a (250, 32, 32, 480) bf16 tensor that a memory-speed pass would move in
+~0.2 ms; ~8% of the step). These kernels compute the op as k*k shifted multiply-adds in float32
+registers, reading each shifted tile through the cache, and fold the residual and the bias in.
+Measured, they are no faster: 1.20 ms at the best tiling vs 1.31 ms for XLA's conv + adds on
+their own, slower inside the model (benchmarks/NOTES.md row 22), so the model uses them only when
+asked (``model.pallas_ops='dwconv'``). They are kept, tested, as the starting point of a kernel
+that reuses its input tile from shared memory.
 
 * forward ``y = x + b + dwconv(x, w)``: one program per (image, row tile, channel block); the input
   is zero-padded by k//2 once (XLA fuses the pad into the op producing ``x``), so every tap is a
@@ -14,7 +18,7 @@ registers, reading each shifted tile through the cache, and fold the residual an
 * weight/bias gradients: one program per (image, channel block) accumulates, for every tap, the
   sum over the image of ``xpad_shifted * g`` in float32; the per-image partials are summed by XLA.
 
-Only the 16-bit GPU path uses them (``supported``); the float32 path of the model keeps
+Tilings Triton accepts: :func:`supported`. The model's float32 path always keeps
 ``lax.conv_general_dilated``, which the fixture-equivalence tests pin. On CPU they run in Pallas'
 interpret mode, which is how the tests check them against the XLA convolution.
 """

@@ -65,7 +65,9 @@ class TimeDependentParameter(nnx.Module):
     return p1 + gate * (p0 - p1)
 
 
-_bcast = rmsnorm_kernel._bcast  # (B, C) -> (B, 1, ..., 1, C)
+def _bcast(v: Array, x: Array) -> Array:
+  """(B, C) -> (B, 1, ..., 1, C) to broadcast against x of rank >= 2."""
+  return v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:])
 
 
 def _layer_normalize(x: Array, eps: float = 1e-5) -> Array:
@@ -401,7 +403,8 @@ class ConvNeXtBlock(nnx.Module):
     with jax.named_scope("dwconv"):
       conv = self.block1
       if self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0]):
-        # x + b + dwconv(x) in one kernel (cuDNN's depthwise conv runs far below memory speed).
+        # x + b + dwconv(x) in one kernel (opt-in: it measured no faster than cuDNN in the model,
+        # benchmarks/NOTES.md row 22).
         x = dwconv_kernel.dwconv_residual(x.astype(conv.dtype), conv.kernel[...][:, :, 0, :],
                                           conv.bias[...])
       else:
