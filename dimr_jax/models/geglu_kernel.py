@@ -6,9 +6,12 @@ bf16 ``h01``: 0.657 ms forward, 1.141 ms forward+backward; benchmarks/geglu.py),
 memory speed. These kernels read each half once as a (bm, bh) tile, do the math in float32
 registers and write the result once:
 
-* forward: ``out = gelu(h0) * h1`` (..., H) from ``h01`` (..., 2H);
+* forward: ``out = gelu(h0) * h1`` (..., H) from ``h01`` (..., 2H), the GEMM's bias added here
+  (the model runs the GEMM without it: XLA had fused that add into its own gelu*mul pass, and as a
+  pass of its own it cost more than the kernel saved; benchmarks/NOTES.md rows 19-20);
 * backward: ``dh01 = [g * h1 * gelu'(h0), g * gelu(h0)]`` from ``h01`` and the cotangent ``g``
-  (the only residual is ``h01``, which the GEMM produced anyway).
+  (the residuals are ``h01``, which the GEMM produced anyway, and the bias), plus per-row-block
+  column sums of ``dh01`` that XLA adds up to the bias gradient.
 
 ``h01`` is viewed as (M, 2, H) (a free reshape), so a (bm, 2, bh) block holds the matching column
 tiles of both halves: no ``h0``/``h1`` copies are made, and the backward writes both halves of
