@@ -11,8 +11,8 @@ asked (``model.pallas_ops='dwconv'``). They are kept, tested, as the starting po
 that reuses its input tile from shared memory.
 
 * forward ``y = x + b + dwconv(x, w)``: one program per (image, row tile, channel block); the input
-  is zero-padded by k//2 once (XLA fuses the pad into the op producing ``x``), so every tap is a
-  plain non-negative slice and no load needs a mask. The residual is the centre tap.
+  is zero-padded by k//2 once (one XLA pad), so every tap is a plain non-negative slice and no
+  load needs a mask. The residual is the centre tap.
 * input gradient ``dx = g + dwconv(g, w[::-1, ::-1])``: the same kernel (a correlation's adjoint is
   the correlation with the flipped kernel), bias zero.
 * weight/bias gradients: one program per (image, channel block) accumulates, for every tap, the
@@ -25,7 +25,6 @@ interpret mode, which is how the tests check them against the XLA convolution.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -197,4 +196,4 @@ def dwconv_residual_reference(x: Array, w: Array, bias: Array) -> Array:
   return (y + bias.astype(jnp.float32) + x.astype(jnp.float32)).astype(x.dtype)
 
 
-__all__: list[Any] = ["dwconv_residual", "dwconv_residual_reference", "supported"]
+__all__ = ["dwconv_residual", "dwconv_residual_reference", "supported"]

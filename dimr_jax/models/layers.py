@@ -253,12 +253,10 @@ class GegluMLP(nnx.Module):
     # gradient GEMM); the parameters stay separate, as in the official state dict.
     k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
     b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
-    h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt))
-    if self.geglu_impl == "xla":
-      h01 = (h01 + b01).astype(dt)
-      return self.w2(geglu_kernel.geglu(h01, impl="xla"))
-    # The Pallas pass adds the bias itself: one read of the GEMM output, no separate add.
-    return self.w2(geglu_kernel.geglu(h01.astype(dt), b01, impl="pallas"))
+    h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt)).astype(dt)
+    # The bias goes to the GEGLU pass: XLA fuses the add into its gelu*mul fusion, the Pallas
+    # kernel adds it itself (one read of the GEMM output, no separate add).
+    return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
 PALLAS_OPS = ("dwconv", "geglu", "rmsnorm")
