@@ -33,6 +33,7 @@ from dimr_jax import checkpoint as ckpt_lib
 from dimr_jax import diffusion, metrics, sharding
 from dimr_jax.data import pipeline
 from dimr_jax.models import dimr as dimr_model
+from dimr_jax.models import layers
 from dimr_jax.tools import summary
 
 State = dict  # {'step', 'params', 'opt', 'ema_params'}
@@ -194,7 +195,10 @@ def validate_config(config) -> None:
     raise ValueError(f"optim.lr must be > 0 and optim.ema_decay in [0, 1) (got {o.lr}, {o.ema_decay})")
   if m.remat not in dimr_model.REMAT_POLICIES:
     raise ValueError(f"model.remat must be one of {dimr_model.REMAT_POLICIES}, got {m.remat!r}")
-  compute_dtype(config)
+  try:
+    layers.resolve_pallas_ops(m.get("pallas_ops", "auto"), compute_dtype(config))
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
 
 
 def _restore_or_init(config, workdir, mngr, tx, mesh, st_sh, abs_state, data_iter):

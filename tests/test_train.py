@@ -171,6 +171,8 @@ def test_bad_config_values():
     train.validate_config(_config(**{"model.variant": "Q/2R"}))
   with pytest.raises(KeyError, match="unknown config key"):
     _config(**{"optim.learning_rate": 1.0})
+  with pytest.raises(ValueError, match=r"model\.pallas_ops: unknown op\(s\) \['flash'\]"):
+    train.validate_config(_config(**{"model.pallas_ops": "geglu,flash"}))
 
 
 # ------------------------------------------------------------------------------------------------
