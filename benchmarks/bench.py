@@ -3,8 +3,14 @@
     python benchmarks/bench.py --cases=XL/2R:train:64:none,XL/2R:sample:125 --peak_tflops=798 \
         --out=benchmarks/results/h100.json
 
-A case is ``MODEL:train:BATCH:REMAT`` or ``MODEL:sample:BATCH``. Each case runs in its own
-subprocess (clean peak-memory statistics, an OOM only loses that case). Train cases time the exact
+A case is ``MODEL:train:BATCH:REMAT[:UNROLL][@NDEV[:MODE]]`` or ``MODEL:sample:BATCH``. BATCH is per
+device; UNROLL overrides ``--scan_unroll`` for the case (1: rolled block loops, which compile much
+faster with remat);
+``@NDEV:dp`` trains data-parallel on the first NDEV devices, ``@NDEV:fsdp`` shards the parameters,
+optimizer moments and EMA over them (the ``mesh.fsdp`` axis of training). Each case runs in its own
+subprocess (clean peak-memory statistics, an OOM only loses that case). ``--parallel_compile``
+compiles all cases at once (the CPU work overlaps) and then times them one after another, so no
+two cases ever share the accelerators while timed. Train cases time the exact
 jitted step ``train.py`` uses (AdamW, EMA, posterior sampling, multi-scale loss, donation);
 sample cases time one DPM-Solver update with classifier-free guidance (cond + uncond in one 2B
 forward). Inputs are random (never zeros). Timing: >= 3 warm-up steps, then the median of
@@ -27,11 +33,42 @@ import timing  # benchmarks/timing.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"XL/2R": "configs/dimr_xl_256.py", "G/2R": "configs/dimr_g_256.py",
-           "XL/3R": "configs/dimr_xl_512.py", "S/2R": "configs/dimr_s_256.py"}
+           "XL/3R": "configs/dimr_xl_512.py", "S/2R": "configs/dimr_s_256.py",
+           "mu": "configs/dimr_mu_digits.py"}
+MODES = ("dp", "fsdp")
+
+
+def parse_case(case: str) -> dict:
+  """``MODEL:KIND:BATCH[:REMAT[:UNROLL]][@NDEV[:MODE]]`` -> its fields; BATCH is per device."""
+  spec, _, where = case.partition("@")
+  parts = spec.split(":")
+  if not 3 <= len(parts) <= 5 or parts[0] not in CONFIGS or parts[1] not in ("train", "sample"):
+    raise ValueError(f"bad case {case!r}: want MODEL:train:BATCH:REMAT[:UNROLL][@NDEV[:MODE]] or "
+                     f"MODEL:sample:BATCH with MODEL in {sorted(CONFIGS)}")
+  wparts = where.split(":") if where else []
+  ndev = int(wparts[0]) if wparts else 1
+  mode = wparts[1] if len(wparts) > 1 else "dp"
+  if mode not in MODES or ndev < 1:
+    raise ValueError(f"bad case {case!r}: '@NDEV:MODE' wants NDEV >= 1 and MODE in {MODES}")
+  if parts[1] == "sample" and ndev != 1:
+    raise ValueError(f"bad case {case!r}: sample cases run on one device")
+  return {"model": parts[0], "kind": parts[1], "batch": int(parts[2]),
+          "remat": parts[3] if len(parts) > 3 else "none",
+          "scan_unroll": int(parts[4]) if len(parts) > 4 else None, "num_devices": ndev, "mode": mode}
+
+
+def mesh_config(ndev: int, mode: str) -> dict:
+  """dp: every device holds all of the state; fsdp: the state is sharded over all of them."""
+  return {"data": ndev, "fsdp": 1} if mode == "dp" else {"data": 1, "fsdp": ndev}
 
 
 def build(case: str, args):
-  """Compiles one case; returns (run, record, flops_per_item): ``run()`` does one step."""
+  """Compiles one case without allocating its state.
+
+  Returns (run, record, flops_per_item, devices): ``run()`` allocates the inputs on first use, then
+  does one step. Compiling ahead of time (``lower().compile()``) keeps the accelerators free while
+  several cases compile side by side.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -41,47 +78,59 @@ def build(case: str, args):
   from dimr_jax import config_utils, sampling, sharding, train
   from dimr_jax.tools import summary
 
-  parts = case.split(":")
-  model_name, kind, batch = parts[0], parts[1], int(parts[2])
-  remat = parts[3] if len(parts) > 3 else "none"
-  overrides = {"input.batch_size": batch, "model.remat": remat, "model.dtype": args.dtype,
+  c = parse_case(case)
+  model_name, kind, batch, remat, ndev = c["model"], c["kind"], c["batch"], c["remat"], c["num_devices"]
+  if jax.device_count() < ndev:
+    raise ValueError(f"case {case!r} needs {ndev} devices but {jax.device_count()} are present")
+  devices = jax.devices()[:ndev]
+  gbatch = batch * ndev
+  unroll = args.scan_unroll if c["scan_unroll"] is None else c["scan_unroll"]
+  overrides = {"input.batch_size": gbatch, "model.remat": remat, "model.dtype": args.dtype,
                "input.dataset": "synthetic", "model.attention_impl": args.attention_impl,
-               "model.scan_unroll": args.scan_unroll, "model.pallas_ops": args.pallas_ops}
+               "model.scan_unroll": unroll, "model.pallas_ops": args.pallas_ops}
+  overrides.update({f"mesh.{k}": v for k, v in mesh_config(ndev, c["mode"]).items()})
   config = config_utils.load_config_file(os.path.join(REPO, CONFIGS[model_name]), overrides)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   macs = summary.count_macs(config.model)["total"]
-  dev = jax.devices()[0]
   rng = np.random.default_rng(0)
-  res = {"model": model_name, "kind": kind, "batch": batch, "dtype": args.dtype, "remat": remat,
-         "device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
-         "attention_impl": args.attention_impl or "auto", "scan_unroll": args.scan_unroll,
-         "pallas_ops": args.pallas_ops}
+  res = {"model": model_name, "kind": kind, "batch": batch, "global_batch": gbatch,
+         "dtype": args.dtype, "remat": remat, "num_devices": ndev, "mode": c["mode"],
+         "mesh": dict(mesh.shape), "device": devices[0].device_kind, "jax": jax.__version__,
+         "attention_impl": args.attention_impl or "auto", "scan_unroll": unroll,
+         "pallas_ops": args.pallas_ops,
+         "env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "NCCL_"))}}
   m = config.model
   t0 = time.perf_counter()
   if kind == "train":
     tx = train.make_optimizer(config)
     gd = nnx.graphdef(train.abstract_model(config))
-    abs_state = jax.eval_shape(functools.partial(train.init_state, config, tx), jax.random.key(0))
+    init = functools.partial(train.init_state, config, tx)
+    abs_state = jax.eval_shape(init, jax.random.key(0))
     sh = train.state_shardings(abs_state, mesh, config)
-    state = jax.jit(functools.partial(train.init_state, config, tx), out_shardings=sh)(jax.random.key(0))
-    step = train.build_train_step(config, gd, tx, mesh, sh, latent_moments=True)
-    mean = rng.standard_normal((batch, m.image_size, m.image_size, m.channels), np.float32)
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abs_state, sh)
+    key = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+    mean = rng.standard_normal((gbatch, m.image_size, m.image_size, m.channels), np.float32)
     logvar = rng.uniform(-4.0, -1.0, mean.shape).astype(np.float32)
     data_sh = sharding.batch_sharding(mesh)
     b = {"x": jax.device_put(np.concatenate([mean, logvar], -1), data_sh),
-         "label": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), data_sh)}
-    key = jax.random.key(1)
+         "label": jax.device_put(rng.integers(0, 1000, gbatch).astype(np.int32), data_sh)}
+    init_c = jax.jit(init, out_shardings=sh).lower(jax.random.key(0)).compile()
+    step = train.build_train_step(config, gd, tx, mesh, sh, latent_moments=True)
+    step_c = step.lower(abs_state, b, key).compile()
+    box = {}
 
     def run():
-      nonlocal state
-      state, met = step(state, b, key)
+      if "state" not in box:
+        box["state"] = init_c(jax.random.key(0))
+      box["state"], met = step_c(box["state"], b, key)
       return met["loss"]
 
     flops_per_item = 6.0 * macs
   else:
     model = nnx.eval_shape(lambda: train.make_model(config, nnx.Rngs(params=0)))
     gd, abs_params = nnx.split(model)
-    params = jax.jit(lambda k: nnx.state(train.make_model(config, nnx.Rngs(params=k))))(jax.random.key(0))
+    make_params = jax.jit(lambda k: nnx.state(train.make_model(config, nnx.Rngs(params=k))))
     y = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
     x = jnp.asarray(rng.standard_normal((batch, m.image_size, m.image_size, m.channels), np.float32))
 
@@ -93,33 +142,123 @@ def build(case: str, args):
       eps = eps_fn(x, jnp.full((batch,), t))
       return 0.98 * x - 0.05 * eps  # a first-order DPM-Solver++ update's arithmetic
 
-    state_x = {"x": x}
+    params_c = make_params.lower(jax.random.key(0)).compile()
+    step_c = sample_step.lower(abs_params, x, 0.5).compile()
+    box = {"x": x}
 
     def run():
-      state_x["x"] = sample_step(params, state_x["x"], 0.5)
-      return state_x["x"]
+      if "params" not in box:
+        box["params"] = params_c(jax.random.key(0))
+      box["x"] = step_c(box["params"], box["x"], 0.5)
+      return box["x"]
 
     flops_per_item = 2.0 * 2.0 * macs  # two forward passes (cond + uncond) per image-step
-  jax.block_until_ready(run())
   res["compile_s"] = round(time.perf_counter() - t0, 1)
-  return run, res, flops_per_item
+  return run, res, flops_per_item, devices
 
 
 def _one(case: str, args) -> dict:
-  import jax
-  run, res, flops_per_item = build(case, args)
-  batch = res["batch"]
-  dev = jax.devices()[0]
-  times = timing.step_times(run, steps=args.steps, warmup=2)
+  run, res, flops_per_item, devices = build(case, args)
+  print("COMPILED", flush=True)
+  if args.go_file:  # --parallel_compile: wait for the driver's turn to time this case
+    while not os.path.exists(args.go_file):
+      time.sleep(0.2)
+  gbatch = res["global_batch"]
+  times = timing.step_times(run, steps=args.steps, warmup=3)
   med = statistics.median(times)
-  stats = dev.memory_stats() or {}
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) for d in devices]
   peak_tflops = args.peak_tflops
-  res.update(step_time_s=med, img_per_s=batch / med,
-             peak_mem_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-             mfu=(batch / med * flops_per_item / (peak_tflops * 1e12)) if peak_tflops else None,
+  res.update(step_time_s=med, img_per_s=gbatch / med, img_per_s_per_device=gbatch / med / len(devices),
+             peak_mem_gib=max(peaks) / 2**30,
+             mfu=(gbatch / med * flops_per_item / (peak_tflops * 1e12 * len(devices)))
+             if peak_tflops else None,
              peak_tflops=peak_tflops, timed_steps=len(times),
              step_time_min_s=min(times), step_time_max_s=max(times))
   return res
+
+
+def _error(case: str, text: str, rc) -> dict:
+  err = text.strip().splitlines()
+  oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in err)
+  named = [l for l in err if "Error" in l and not l.startswith("jax._src")]
+  msg = named[-1] if named else (err[-1] if err else f"rc={rc}")
+  return {"case": case, "error": "OOM" if oom else msg}
+
+
+class _Case:
+  """One case in its own subprocess; it compiles at once and times when its go-file appears."""
+
+  def __init__(self, case: str, args, tmp: str, i: int, go: bool):
+    self.case, self.t0 = case, time.perf_counter()
+    self.go_file = os.path.join(tmp, f"go{i}")
+    self.out_path, self.err_path = os.path.join(tmp, f"out{i}"), os.path.join(tmp, f"err{i}")
+    if go:
+      open(self.go_file, "w").close()
+    cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
+           f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
+           f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}",
+           f"--pallas_ops={args.pallas_ops}", f"--go_file={self.go_file}"]
+    env = dict(os.environ)
+    # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it. Cases
+    # compiling side by side must not preallocate, or the first one would take the memory.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if args.parallel_compile:
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+      self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+
+  def _stdout(self) -> str:
+    with open(self.out_path) as f:
+      return f.read()
+
+  def wait_compiled(self, deadline: float) -> None:
+    while self.proc.poll() is None and "COMPILED" not in self._stdout():
+      if time.perf_counter() > deadline:
+        self.proc.kill()
+        break
+      time.sleep(0.5)
+
+  def finish(self, timeout: float) -> dict:
+    open(self.go_file, "w").close()
+    try:
+      self.proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+    lines = [l for l in self._stdout().splitlines() if l.startswith("RESULT ")]
+    if lines:
+      rec = json.loads(lines[-1][len("RESULT "):])
+    elif self.proc.returncode in (-9, 137):
+      rec = {"case": self.case, "error": f"timeout after {round(time.perf_counter() - self.t0)}s"}
+    else:
+      with open(self.err_path) as f:
+        rec = _error(self.case, f.read() or self._stdout(), self.proc.returncode)
+    rec["wall_s"] = round(time.perf_counter() - self.t0, 1)
+    rec["date"] = datetime.date.today().isoformat()
+    return rec
+
+
+def run_cases(cases: list[str], args) -> list[dict]:
+  """Runs each case in its own subprocess; prints one line per case as it finishes."""
+  import tempfile
+  for c in cases:
+    parse_case(c)  # a typo fails here, before anything compiles
+  records = []
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.parallel_compile:
+      procs = [_Case(c, args, tmp, i, go=False) for i, c in enumerate(cases)]
+      deadline = time.perf_counter() + args.timeout
+      for p in procs:
+        p.wait_compiled(deadline)
+    for i, case in enumerate(cases):
+      p = procs[i] if args.parallel_compile else _Case(case, args, tmp, i, go=True)
+      rec = p.finish(args.timeout)
+      records.append(rec)
+      print(_row(rec), flush=True)
+      if getattr(args, "jsonl", ""):  # survives a run cut short
+        with open(args.jsonl, "a") as f:
+          f.write(json.dumps(rec) + "\n")
+  return records
 
 
 def main(argv=None) -> int:
@@ -135,38 +274,16 @@ def main(argv=None) -> int:
                  help="peak bf16 TFLOP/s for MFU (the H100 here measured 798 on a dense bf16 GEMM)")
   p.add_argument("--out", default="")
   p.add_argument("--timeout", type=int, default=400)
+  p.add_argument("--jsonl", default="", help="also append each record here as it finishes")
+  p.add_argument("--parallel_compile", action="store_true",
+                 help="compile all cases at once, then time them one at a time")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
+  p.add_argument("--go_file", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.one:
     print("RESULT " + json.dumps(_one(args.one, args)), flush=True)
     return 0
-  records = []
-  for case in [c for c in args.cases.split(",") if c]:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
-           f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
-           f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}",
-           f"--pallas_ops={args.pallas_ops}"]
-    t = time.perf_counter()
-    try:
-      # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.
-      env = dict(os.environ)
-      env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-      r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-      lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-      if lines:
-        rec = json.loads(lines[-1][len("RESULT "):])
-      else:
-        err = (r.stderr or r.stdout).strip().splitlines()
-        oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in err)
-        named = [l for l in err if "Error" in l and not l.startswith("jax._src")]
-        msg = named[-1] if named else (err[-1] if err else f"rc={r.returncode}")
-        rec = {"case": case, "error": "OOM" if oom else msg}
-    except subprocess.TimeoutExpired:
-      rec = {"case": case, "error": f"timeout after {args.timeout}s"}
-    rec["wall_s"] = round(time.perf_counter() - t, 1)
-    rec["date"] = datetime.date.today().isoformat()
-    records.append(rec)
-    print(_row(rec), flush=True)
+  records = run_cases([c for c in args.cases.split(",") if c], args)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -175,25 +292,30 @@ def main(argv=None) -> int:
   return 0
 
 
+def _where(r: dict) -> str:
+  return "1" if r.get("num_devices", 1) == 1 else f"{r['num_devices']} {r['mode']}"
+
+
 def _row(r: dict) -> str:
   if "error" in r:
     return f"{r['case']}: {r['error']}"
   mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-  return (f"{r['model']:6s} {r['kind']:6s} b={r['batch']:<4d} remat={r['remat']:5s} {r['dtype']}: "
-          f"{r['img_per_s']:8.1f} img/s  step {1e3 * r['step_time_s']:7.1f} ms  "
+  return (f"{r['model']:6s} {r['kind']:6s} dev={_where(r):7s} b={r['batch']:<4d} remat={r['remat']:5s} "
+          f"{r['dtype']}: {r['img_per_s']:8.1f} img/s  step {1e3 * r['step_time_s']:7.1f} ms  "
           f"peak {r['peak_mem_gib']:6.1f} GiB  MFU {mfu}  (compile {r['compile_s']}s) [{r['device']}]")
 
 
 def table(records) -> str:
-  head = "| model | kind | batch | remat | dtype | img/s | step ms | peak GiB | MFU | device |\n" \
-         "|---|---|---|---|---|---|---|---|---|---|"
+  """Markdown table; batch and peak memory are per device, img/s is for all devices together."""
+  head = "| model | kind | devices | batch/dev | remat | dtype | img/s | step ms | peak GiB/dev | MFU | device |\n" \
+         "|---|---|---|---|---|---|---|---|---|---|---|"
   rows = []
   for r in records:
     if "error" in r:
-      rows.append(f"| {r['case']} | | | | | {r['error']} | | | | |")
+      rows.append(f"| {r['case']} | | | | | | {r['error']} | | | | |")
       continue
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-    rows.append(f"| {r['model']} | {r['kind']} | {r['batch']} | {r['remat']} | {r['dtype']} | "
+    rows.append(f"| {r['model']} | {r['kind']} | {_where(r)} | {r['batch']} | {r['remat']} | {r['dtype']} | "
                 f"{r['img_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['peak_mem_gib']:.1f} | {mfu} | "
                 f"{r['device']} |")
   return "\n".join([head] + rows)
