@@ -9,8 +9,9 @@ faster with remat);
 ``@NDEV:dp`` trains data-parallel on the first NDEV devices, ``@NDEV:fsdp`` shards the parameters,
 optimizer moments and EMA over them (the ``mesh.fsdp`` axis of training). Each case runs in its own
 subprocess (clean peak-memory statistics, an OOM only loses that case). ``--parallel_compile``
-compiles all cases at once (the CPU work overlaps) and then times them one after another, so no
-two cases ever share the accelerators while timed. Train cases time the exact
+compiles all cases at once, each in a process that then exits, into a private persistent
+compilation cache; the cases are then timed one after another from the cache, so no two cases
+ever share the accelerators or their memory while timed. Train cases time the exact
 jitted step ``train.py`` uses (AdamW, EMA, posterior sampling, multi-scale loss, donation);
 sample cases time one DPM-Solver update with classifier-free guidance (cond + uncond in one 2B
 forward). Inputs are random (never zeros). Timing: >= 3 warm-up steps, then the median of
@@ -66,8 +67,8 @@ def build(case: str, args):
   """Compiles one case without allocating its state.
 
   Returns (run, record, flops_per_item, devices): ``run()`` allocates the inputs on first use, then
-  does one step. Compiling ahead of time (``lower().compile()``) keeps the accelerators free while
-  several cases compile side by side.
+  does one step. Compiling ahead of time (``lower().compile()``) allocates no state, so a
+  compile-only process of ``--parallel_compile`` takes little accelerator memory.
   """
   import jax
   import jax.numpy as jnp
@@ -157,12 +158,14 @@ def build(case: str, args):
   return run, res, flops_per_item, devices
 
 
-def _one(case: str, args) -> dict:
+def _one(case: str, args) -> dict | None:
+  if args.cache_dir:  # --parallel_compile: executables go through JAX's persistent cache
+    import jax
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   run, res, flops_per_item, devices = build(case, args)
-  print("COMPILED", flush=True)
-  if args.go_file:  # --parallel_compile: wait for the driver's turn to time this case
-    while not os.path.exists(args.go_file):
-      time.sleep(0.2)
+  if args.compile_only:
+    return None
   gbatch = res["global_batch"]
   times = timing.step_times(run, steps=args.steps, warmup=3)
   med = statistics.median(times)
@@ -186,73 +189,76 @@ def _error(case: str, text: str, rc) -> dict:
 
 
 class _Case:
-  """One case in its own subprocess; it compiles at once and times when its go-file appears."""
+  """``bench.py --one=CASE`` in its own process, its output in files (no pipe can fill up)."""
 
-  def __init__(self, case: str, args, tmp: str, i: int, go: bool):
+  def __init__(self, case: str, args, tmp: str, name: str, cache_dir: str = "",
+               compile_only: bool = False):
     self.case, self.t0 = case, time.perf_counter()
-    self.go_file = os.path.join(tmp, f"go{i}")
-    self.out_path, self.err_path = os.path.join(tmp, f"out{i}"), os.path.join(tmp, f"err{i}")
-    if go:
-      open(self.go_file, "w").close()
+    self.out_path, self.err_path = os.path.join(tmp, name + ".out"), os.path.join(tmp, name + ".err")
     cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
            f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
            f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}",
-           f"--pallas_ops={args.pallas_ops}", f"--go_file={self.go_file}"]
+           f"--pallas_ops={args.pallas_ops}", f"--cache_dir={cache_dir}"]
     env = dict(os.environ)
-    # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it. Cases
-    # compiling side by side must not preallocate, or the first one would take the memory.
+    # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    if args.parallel_compile:
-      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if compile_only:
+      cmd.append("--compile_only")
+      # Side by side, none may take a memory pool (a pool is never given back while it lives).
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
       self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
 
-  def _stdout(self) -> str:
-    with open(self.out_path) as f:
-      return f.read()
-
-  def wait_compiled(self, deadline: float) -> None:
-    while self.proc.poll() is None and "COMPILED" not in self._stdout():
-      if time.perf_counter() > deadline:
-        self.proc.kill()
-        break
-      time.sleep(0.5)
-
-  def finish(self, timeout: float) -> dict:
-    open(self.go_file, "w").close()
+  def wait(self, timeout: float) -> dict:
+    """The case's record, or ``{'case', 'error'}``; kills it past ``timeout`` seconds."""
     try:
       self.proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
       self.proc.kill()
       self.proc.wait()
-    lines = [l for l in self._stdout().splitlines() if l.startswith("RESULT ")]
+      return {"case": self.case, "error": f"timeout after {round(time.perf_counter() - self.t0)}s"}
+    with open(self.out_path) as f:
+      out = f.read()
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
     if lines:
-      rec = json.loads(lines[-1][len("RESULT "):])
-    elif self.proc.returncode in (-9, 137):
-      rec = {"case": self.case, "error": f"timeout after {round(time.perf_counter() - self.t0)}s"}
-    else:
-      with open(self.err_path) as f:
-        rec = _error(self.case, f.read() or self._stdout(), self.proc.returncode)
-    rec["wall_s"] = round(time.perf_counter() - self.t0, 1)
-    rec["date"] = datetime.date.today().isoformat()
-    return rec
+      return json.loads(lines[-1][len("RESULT "):])
+    if self.proc.returncode == 0:
+      return {"case": self.case}
+    with open(self.err_path) as f:
+      return _error(self.case, f.read() or out, self.proc.returncode)
 
 
 def run_cases(cases: list[str], args) -> list[dict]:
-  """Runs each case in its own subprocess; prints one line per case as it finishes."""
+  """Runs each case in its own subprocess; prints one line per case as it finishes.
+
+  With ``--parallel_compile`` every case first compiles in a process of its own, all at once,
+  into a private persistent compilation cache, and exits (giving back the GPU memory its
+  autotuning took); then the cases run one at a time, loading their executables from the cache.
+  """
   import tempfile
   for c in cases:
     parse_case(c)  # a typo fails here, before anything compiles
   records = []
   with tempfile.TemporaryDirectory() as tmp:
+    cache, compiled = "", {}
     if args.parallel_compile:
-      procs = [_Case(c, args, tmp, i, go=False) for i, c in enumerate(cases)]
-      deadline = time.perf_counter() + args.timeout
-      for p in procs:
-        p.wait_compiled(deadline)
+      cache = os.path.join(tmp, "cache")
+      t0 = time.perf_counter()
+      procs = [_Case(c, args, tmp, f"compile{i}", cache, compile_only=True)
+               for i, c in enumerate(cases)]
+      for i, p in enumerate(procs):
+        compiled[i] = p.wait(args.timeout - (time.perf_counter() - t0))
+        compiled[i]["parallel_compile_s"] = round(time.perf_counter() - p.t0, 1)
     for i, case in enumerate(cases):
-      p = procs[i] if args.parallel_compile else _Case(case, args, tmp, i, go=True)
-      rec = p.finish(args.timeout)
+      if "error" in compiled.get(i, {}):
+        rec = compiled[i]
+      else:
+        p = _Case(case, args, tmp, f"run{i}", cache)
+        rec = p.wait(args.timeout)
+        rec["wall_s"] = round(time.perf_counter() - p.t0, 1)
+        if i in compiled:
+          rec["parallel_compile_s"] = compiled[i]["parallel_compile_s"]
+      rec["date"] = datetime.date.today().isoformat()
       records.append(rec)
       print(_row(rec), flush=True)
       if getattr(args, "jsonl", ""):  # survives a run cut short
@@ -276,12 +282,16 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=int, default=400)
   p.add_argument("--jsonl", default="", help="also append each record here as it finishes")
   p.add_argument("--parallel_compile", action="store_true",
-                 help="compile all cases at once, then time them one at a time")
+                 help="compile all cases at once (own processes, a shared compilation cache), "
+                 "then time them one at a time")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
-  p.add_argument("--go_file", default="", help=argparse.SUPPRESS)
+  p.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
+  p.add_argument("--compile_only", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.one:
-    print("RESULT " + json.dumps(_one(args.one, args)), flush=True)
+    res = _one(args.one, args)
+    if res is not None:
+      print("RESULT " + json.dumps(res), flush=True)
     return 0
   records = run_cases([c for c in args.cases.split(",") if c], args)
   if args.out:

@@ -43,9 +43,10 @@ def scaling_cases(model: str, batch: int, remat: str, devices: list[int], modes:
 def add_efficiency(records: list[dict]) -> list[dict]:
   """Sets ``scaling_efficiency`` = per-device img/s / the 1-device img/s of the same setup."""
   key = lambda r: (r["model"], r["kind"], r["batch"], r["remat"], r.get("scan_unroll"))
-  base = {key(r): r["img_per_s"] for r in records if "error" not in r and r["num_devices"] == 1}
-  for r in records:
-    if "error" not in r and key(r) in base:
+  train = [r for r in records if "error" not in r and r["kind"] == "train"]
+  base = {key(r): r["img_per_s"] for r in train if r["num_devices"] == 1}
+  for r in train:
+    if key(r) in base:
       r["scaling_efficiency"] = r["img_per_s_per_device"] / base[key(r)]
   return records
 
