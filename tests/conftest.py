@@ -33,3 +33,21 @@ def write_rule_vae_weights(fixtures_dir: pathlib.Path, config, path: pathlib.Pat
   exec(meta["weight_rule"]["python_source"], ns)  # noqa: S102 - the fixture's documented rule
   np.savez(path, **ns["rule_state_dict"](vae.ldm_state_dict_shapes(config), seed_offset=seed_offset))
   return str(path)
+
+
+def lower_for_cuda_or_skip(fn, *args) -> str:
+  """StableHLO text of ``fn`` lowered for CUDA on this (CPU) machine; skips where it cannot be.
+
+  jaxlib builds without the Triton dialect raise ImportError; jax >= 0.11 needs the GPU's
+  compute capability to lower a Triton kernel and raises RuntimeError without a GPU.
+  """
+  import jax
+
+  try:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except ImportError as e:
+    pytest.skip(f"no Triton lowering available: {e}")
+  except RuntimeError as e:
+    if "No supported GPU devices" not in str(e):
+      raise
+    pytest.skip(f"this jax lowers Triton kernels only with a GPU present: {e}")

@@ -6,6 +6,7 @@ import pytest
 import scipy.special
 
 from dimr_jax.models import geglu_kernel as gk
+from tests.conftest import lower_for_cuda_or_skip
 
 
 def _f32(x):
@@ -156,8 +157,5 @@ def test_lowers_to_triton_for_cuda():
     return jax.grad(lambda h: jnp.sum(gk.geglu(h, impl="pallas", interpret=False)
                                       .astype(jnp.float32)))(h)
 
-  try:
-    text = jax.jit(fwd_bwd).trace(h01).lower(lowering_platforms=("cuda",)).as_text()
-  except ImportError as e:  # a jaxlib without the Triton dialect
-    pytest.skip(f"no Triton lowering available: {e}")
+  text = lower_for_cuda_or_skip(fwd_bwd, h01)
   assert text.count("__gpu$xla.gpu.triton") == 2

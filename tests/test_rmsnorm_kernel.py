@@ -6,6 +6,7 @@ import pytest
 
 from dimr_jax.models import layers
 from dimr_jax.models import rmsnorm_kernel as rk
+from tests.conftest import lower_for_cuda_or_skip
 
 
 def _f32(x):
@@ -176,8 +177,5 @@ def test_lowers_to_triton_for_cuda(scale_rows):
         rk.scaled_rms_norm(x, s, impl="pallas", interpret=False).astype(jnp.float32)),
                     argnums=(0, 1))(x, s)
 
-  try:
-    text = jax.jit(fwd_bwd).trace(x, s).lower(lowering_platforms=("cuda",)).as_text()
-  except ImportError as e:  # a jaxlib without the Triton dialect
-    pytest.skip(f"no Triton lowering available: {e}")
+  text = lower_for_cuda_or_skip(fwd_bwd, x, s)
   assert text.count("__gpu$xla.gpu.triton") == 2
