@@ -45,7 +45,7 @@ def test_fixture_outputs_match_official(fixtures_dir, name):
 
 # '': XLA only (the CPU/TPU path); 'geglu': the GPU default in bf16; all kernels (opt-in). Off GPU
 # the Pallas kernels run in interpret mode: the same arithmetic the GPU compiles.
-@pytest.mark.parametrize("pallas_ops", ["", "geglu", "dwconv,geglu,rmsnorm"])
+@pytest.mark.parametrize("pallas_ops", ["", "geglu", "geglu_gemm", "dwconv,geglu,rmsnorm"])
 def test_bf16_path_close_to_float32(fixtures_dir, pallas_ops):
   import jax.numpy as jnp
   d, meta, sd = _load(fixtures_dir, "dimr_tiny_2r_perturbed")

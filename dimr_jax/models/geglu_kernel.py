@@ -273,13 +273,27 @@ def geglu(h01: Array, bias: Array | None = None, *, impl: str = "xla", bm: int |
   rows = math.prod(lead)
   if rows == 0 or hidden == 0:
     return jnp.zeros((*lead, hidden), h01.dtype)
+  cfg = _config(rows, hidden, bm, bh, num_warps, num_stages, interpret)
+  b01 = jnp.zeros((2 * hidden,), h01.dtype) if bias is None else bias.astype(h01.dtype)
+  out = _geglu_pallas(h01.reshape(rows, 2 * hidden), b01, cfg)
+  return out.reshape(*lead, hidden)
+
+
+def _config(rows: int, hidden: int, bm: int | None, bh: int, num_warps: int, num_stages: int,
+            interpret: bool | None) -> _Config:
   if interpret is None:
     interpret = pu.interpret_default()
   bh = pu.pow2_divisor(hidden, bh)
   if bm is None:
     bm = min(max(_BLOCK_ELEMS // bh, 16), 1024)
-  cfg = _Config(bm=min(bm, pu.next_pow2(rows)), bh=bh, num_warps=num_warps, num_stages=num_stages,
-                interpret=bool(interpret))
-  b01 = jnp.zeros((2 * hidden,), h01.dtype) if bias is None else bias.astype(h01.dtype)
-  out = _geglu_pallas(h01.reshape(rows, 2 * hidden), b01, cfg)
-  return out.reshape(*lead, hidden)
+  return _Config(bm=min(bm, pu.next_pow2(rows)), bh=bh, num_warps=num_warps, num_stages=num_stages,
+                 interpret=bool(interpret))
+
+
+def geglu_backward(h01: Array, b01: Array, g: Array, *,
+                   interpret: bool | None = None) -> tuple[Array, Array]:
+  """(dh01, dbias) of :func:`geglu` (Pallas) at (M, 2H) ``h01`` and (2H,) bias for cotangent ``g``;
+  the backward of kernels that produce ``h01`` themselves (``geglu_gemm_kernel``)."""
+  rows, hidden = h01.shape[0], h01.shape[1] // 2
+  cfg = _config(rows, hidden, None, 256, 8, 1, interpret)
+  return _bwd_call(h01, b01.astype(h01.dtype), g, cfg)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimr_jax.models import dwconv_kernel, geglu_kernel, pallas_util, rmsnorm_kernel
+from dimr_jax.models import dwconv_kernel, geglu_gemm_kernel, geglu_kernel, pallas_util, rmsnorm_kernel
 
 Array = jax.Array
 
@@ -244,6 +244,7 @@ class GegluMLP(nnx.Module):
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
     self.geglu_impl = "pallas" if "geglu" in pallas_ops else "xla"
+    self.fused_gemm = "geglu_gemm" in pallas_ops
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
@@ -253,13 +254,15 @@ class GegluMLP(nnx.Module):
     # gradient GEMM); the parameters stay separate, as in the official state dict.
     k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
     b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
+    if self.fused_gemm:  # the GEGLU in the GEMM's epilogue: h01 is not written when sampling
+      return self.w2(geglu_gemm_kernel.geglu_gemm(h, k01, b01))
     h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt)).astype(dt)
     # The bias goes to the GEGLU pass: XLA fuses the add into its gelu*mul fusion, the Pallas
     # kernel adds it itself (one read of the GEMM output, no separate add).
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "geglu", "rmsnorm")
+PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "rmsnorm")
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 
 

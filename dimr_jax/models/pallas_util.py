@@ -44,6 +44,15 @@ def compiler_params(num_warps: int, num_stages: int = 1):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def dot(a: Array, b: Array) -> Array:
+  """A block matmul with float32 accumulation (tensor cores); lives in pallas.triton since jax 0.10."""
+  f = getattr(pltriton, "dot", None)
+  if f is None:  # pragma: no cover - older jax
+    from jax.experimental import pallas as pl
+    f = pl.dot
+  return f(a, b)
+
+
 def load(ref, mask: Array | None) -> Array:
   """ref[...], masked (zeros outside) when a mask is given: Pallas' Triton lowering does not mask
   blocks that run past an array's end, so partial blocks mask themselves."""

@@ -1,0 +1,76 @@
+"""The GEGLU MLP's first half on its own: cuBLAS GEMM + GEGLU pass vs the fused Pallas GEMM.
+
+    python benchmarks/geglu_gemm.py --rows=66000 --depth=960 --hidden=1920 --tune
+
+Shapes of DiMR-XL/2R: Transformer MLP (B*264, 960) -> 2x1920, ConvNeXt MLP (B*1024, 480) -> 2x960
+(B = 250 for a guided sampling step of 125 images, 64 for a training step). Prints, per variant,
+the forward median (ms) and its rate in TFLOP/s of the GEMM, max|diff| against the unfused path,
+and (``--grad``) forward+backward. Variants: ``unfused`` is the model's path (cuBLAS ``x @ w01``
+in bf16, then the GEGLU kernel with the bias); ``gemm only`` is the bare cuBLAS GEMM (what the
+fused kernel must reach); ``fused ...`` are launch configurations of ``geglu_gemm_kernel``.
+"""
+import argparse
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimr_jax.models import geglu_gemm_kernel, geglu_kernel  # noqa: E402
+from timing import median_ms  # benchmarks/timing.py  # noqa: E402
+
+
+def unfused(x, w01, b01):
+  h01 = jnp.matmul(x, w01, preferred_element_type=jnp.float32).astype(x.dtype)
+  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  return geglu_kernel.geglu(h01, b01, impl=impl)
+
+
+def gemm_only(x, w01, b01):
+  return jnp.matmul(x, w01, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--rows", type=int, default=66000)
+  p.add_argument("--depth", type=int, default=960)
+  p.add_argument("--hidden", type=int, default=1920)
+  p.add_argument("--tune", action="store_true", help="sweep (bm, bn, bk, num_warps, num_stages)")
+  p.add_argument("--grad", action="store_true", help="also time forward+backward")
+  args = p.parse_args()
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (args.rows, args.depth), jnp.bfloat16)
+  w01 = (jax.random.normal(k[1], (args.depth, 2 * args.hidden)) / args.depth ** 0.5).astype(jnp.bfloat16)
+  b01 = (0.1 * jax.random.normal(k[2], (2 * args.hidden,))).astype(jnp.bfloat16)
+  g = jax.random.normal(k[3], (args.rows, args.hidden), jnp.bfloat16)
+  impls = {"unfused": unfused, "gemm only": gemm_only,
+           "fused default": geglu_gemm_kernel.geglu_gemm}
+  if args.tune:
+    for bm, bn, bk, nw, ns in [(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                               (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (128, 128, 32, 8, 4),
+                               (256, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3),
+                               (128, 32, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3)]:
+      impls[f"fused {bm}x{bn}x{bk} w{nw} s{ns}"] = functools.partial(
+          geglu_gemm_kernel.geglu_gemm, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
+  flops = 2.0 * args.rows * args.depth * 2 * args.hidden
+  ref = jax.jit(unfused)(x, w01, b01).astype(jnp.float32)
+  print(f"{jax.devices()[0].device_kind} x={x.shape} w01={w01.shape} bf16", flush=True)
+  for name, f in impls.items():
+    fwd = jax.jit(f)
+    try:
+      out = fwd(x, w01, b01)
+      err = "n/a" if out.shape != ref.shape else f"{float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))):.3g}"
+      ms = median_ms(fwd, x, w01, b01)
+      line = f"{name:26s} fwd {ms:7.3f} ms ({flops / ms / 1e9:6.1f} TFLOP/s)  max|diff| {err}"
+      if args.grad and name != "gemm only":
+        loss = lambda x, w, b, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
+        line += f"  fwd+bwd {median_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, w01, b01):7.3f} ms"
+      print(line, flush=True)
+    except Exception as e:  # a launch configuration Triton rejects: report it, go on
+      print(f"{name:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:140]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
