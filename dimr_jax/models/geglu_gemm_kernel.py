@@ -14,8 +14,11 @@ block) and applies the GEGLU to them in registers:
 
 The arithmetic is the unfused path's: float32 accumulation, the GEMM result rounded to the compute
 dtype, the bias added and rounded again, the GEGLU in float32 (:func:`geglu_kernel.gelu_f32`).
-Opt-in (``model.pallas_ops='geglu_gemm'``) until it measures faster in the model than cuBLAS plus
-the GEGLU pass (benchmarks/NOTES.md).
+
+Opt-in only (``model.pallas_ops='geglu_gemm'``): on an H100 (benchmarks/NOTES.md row 26) its K loop
+runs well below cuBLAS. At the ConvNeXt shape (256000 x 480 -> 2 x 960) the fused kernel beat
+cuBLAS + GEGLU pass (1.561 vs 1.733 ms); at the Transformer shape (66000 x 960 -> 2 x 1920) it lost
+(1.310 vs 1.219 ms), and XL/2R guided sampling fell from 553.4 to 520.4 image-steps/s.
 """
 from __future__ import annotations
 
@@ -124,8 +127,9 @@ def _bwd(cfg, res, g):
 _geglu_gemm.defvjp(_fwd, _bwd)
 
 
-def geglu_gemm(x: Array, w01: Array, b01: Array, *, bm: int = 128, bn: int = 64, bk: int = 64,
-               num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> Array:
+def geglu_gemm(x: Array, w01: Array, b01: Array, *, bm: int = 128, bn: int = 64,
+               bk: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               interpret: bool | None = None) -> Array:
   """``gelu_exact(h0) * h1`` for ``h0, h1 = split(x @ w01 + b01)``: (..., K) -> (..., H).
 
   Args:
@@ -135,6 +139,8 @@ def geglu_gemm(x: Array, w01: Array, b01: Array, *, bm: int = 128, bn: int = 64,
     bm, bn: output tile (powers of two); bn is reduced to the largest power of two dividing H.
     bk: K step (a power of two dividing K; reduced to the largest such one <= bk).
     num_warps, num_stages: Triton launch parameters (num_stages pipelines the K loop's loads).
+    The defaults of bk, num_warps and num_stages are the fastest of the H100 sweep
+    (results/h100_geglu_gemm_2026-11-24.txt): K >= 768: 64, 8, 3; smaller K: 32, 4, 4.
     interpret: Pallas interpret mode; default: on when the default backend is the CPU.
   """
   depth = x.shape[-1]
@@ -143,6 +149,10 @@ def geglu_gemm(x: Array, w01: Array, b01: Array, *, bm: int = 128, bn: int = 64,
   hidden = w01.shape[1] // 2
   if b01.shape != (2 * hidden,):
     raise ValueError(f"geglu_gemm: b01 {b01.shape} does not fit w01 {w01.shape} (want (2H,))")
+  wide = depth >= 768
+  bk = bk or (64 if wide else 32)
+  num_warps = num_warps or (8 if wide else 4)
+  num_stages = num_stages or (3 if wide else 4)
   for name, v in (("bm", bm), ("bn", bn), ("bk", bk)):
     if v <= 0 or v & (v - 1):
       raise ValueError(f"geglu_gemm: {name} must be a power of two, got {v}")
