@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
                                " --xla_gpu_enable_command_buffer=").strip()
-  run, res, _ = bench.build(args.case, args)
+  run, res, _, _ = bench.build(args.case, args)
   for _ in range(2):
     jax.block_until_ready(run())
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="dimr_trace_")

@@ -68,3 +68,14 @@ def test_scaling_runs_on_two_cpu_devices(tmp_path):
   assert recs[2]["mesh"] == {"data": 1, "fsdp": 2}
   assert all(x["scaling_efficiency"] > 0 for x in recs)
   assert out.with_suffix(".md").read_text().startswith("| model | GPUs |")
+
+
+@pytest.mark.slow
+def test_profile_step_runs_on_cpu():
+  """profile_step.py builds its case through bench.build and parses its own trace."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--case=mu:train:4:none",
+                      "--steps=2", "--by_source=0", "--top=3"], capture_output=True, text=True, env=env,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "mu:train:4:none on cpu: device kernel time" in r.stdout
