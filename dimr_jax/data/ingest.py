@@ -128,6 +128,18 @@ class FolderSource:
     return zip(self.files[start:end], self.labels[start:end])
 
 
+def tfds_split_size(builder, split: str, data_dir: str | None) -> int:
+  """Examples in a prepared TFDS split, or a one-line error saying how to prepare it."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except KeyError:
+    raise FileNotFoundError(
+        f"TFDS imagenet2012 split {split!r} is not prepared under data_dir={data_dir!r}: TFDS "
+        "cannot download ImageNet; put the ILSVRC2012 tars in a folder and run `tfds build "
+        f"imagenet2012 --data_dir={data_dir or '~/tensorflow_datasets'} --manual_dir=<that folder>` "
+        "first (or use --source=folder on an ImageFolder tree)") from None
+
+
 class TfdsSource:
   """TFDS ``imagenet2012`` (prepared beforehand); JPEG bytes are decoded with PIL like the folder path."""
 
@@ -141,7 +153,7 @@ class TfdsSource:
     self._tfds, self.data_dir, self.split = tfds, data_dir, split
     builder = tfds.builder("imagenet2012", data_dir=data_dir)
     self.classes = list(builder.info.features["label"].names)
-    self.num_images = int(builder.info.splits[split].num_examples)
+    self.num_images = tfds_split_size(builder, split, data_dir)
     self.fingerprint = f"tfds:imagenet2012:{builder.info.version}:{split}:{self.num_images}"
 
   def items(self, start: int, end: int) -> Iterator[tuple[bytes, int]]:
