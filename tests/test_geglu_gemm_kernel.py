@@ -91,3 +91,15 @@ def test_lowers_to_triton_for_cuda():
   assert lower_for_cuda_or_skip(fwd, x, w, b).count("__gpu$xla.gpu.triton") == 1
   text = lower_for_cuda_or_skip(grad, x, w, b)
   assert text.count("__gpu$xla.gpu.triton") == 2 and 'name = "geglu_bwd"' in text
+
+
+def test_narrow_option_selects_by_width():
+  """'geglu_gemm_narrow' fuses only the MLPs narrower than GEGLU_GEMM_NARROW_BELOW (ConvNeXt)."""
+  def fused(dim, ops):
+    return layers.GegluMLP(dim, 2 * dim, "TDRMSN", dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0),
+                           pallas_ops=ops).fused_gemm
+
+  wide = layers.GEGLU_GEMM_NARROW_BELOW
+  assert fused(480, ("geglu", "geglu_gemm_narrow")) and not fused(wide, ("geglu", "geglu_gemm_narrow"))
+  assert fused(wide, ("geglu_gemm",)) and not fused(480, ("geglu",))
+  assert layers.resolve_pallas_ops("geglu,geglu_gemm_narrow", jnp.bfloat16) == ("geglu", "geglu_gemm_narrow")

@@ -244,7 +244,8 @@ class GegluMLP(nnx.Module):
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
     self.geglu_impl = "pallas" if "geglu" in pallas_ops else "xla"
-    self.fused_gemm = "geglu_gemm" in pallas_ops
+    self.fused_gemm = "geglu_gemm" in pallas_ops or (
+        "geglu_gemm_narrow" in pallas_ops and dim < GEGLU_GEMM_NARROW_BELOW)
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
@@ -262,7 +263,10 @@ class GegluMLP(nnx.Module):
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "rmsnorm")
+PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_narrow", "rmsnorm")
+# 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
+# ConvNeXt stages): at K = 480 it beat cuBLAS + the GEGLU pass, at K = 960 it lost (NOTES row 26).
+GEGLU_GEMM_NARROW_BELOW = 768
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 
 
