@@ -11,7 +11,10 @@ optimizer moments and EMA over them (the ``mesh.fsdp`` axis of training). Each c
 subprocess (clean peak-memory statistics, an OOM only loses that case). ``--parallel_compile``
 compiles all cases at once, each in a process that then exits, into a private persistent
 compilation cache; the cases are then timed one after another from the cache, so no two cases
-ever share the accelerators or their memory while timed. Train cases time the exact
+ever share the accelerators or their memory while timed. But XLA autotunes GPU kernels by timing
+them while it compiles, and compiles side by side disturb those timings: an XL/2R b128 train step
+compiled next to a sampling case ran at 226.5 img/s, compiled alone at 372.8 (benchmarks/NOTES.md
+row 27). Use it to probe what fits; quote times from sequential runs (the default). Train cases time the exact
 jitted step ``train.py`` uses (AdamW, EMA, posterior sampling, multi-scale loss, donation);
 sample cases time one DPM-Solver update with classifier-free guidance (cond + uncond in one 2B
 forward). Inputs are random (never zeros). Timing: >= 3 warm-up steps, then the median of
@@ -283,7 +286,8 @@ def main(argv=None) -> int:
   p.add_argument("--jsonl", default="", help="also append each record here as it finishes")
   p.add_argument("--parallel_compile", action="store_true",
                  help="compile all cases at once (own processes, a shared compilation cache), "
-                 "then time them one at a time")
+                 "then time them one at a time; side-by-side autotuning can pick slow kernels, "
+                 "so use it for fit probes and confirm times sequentially")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   p.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
   p.add_argument("--compile_only", action="store_true", help=argparse.SUPPRESS)
