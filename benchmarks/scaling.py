@@ -1,7 +1,7 @@
 """Weak scaling of the real train step over the GPUs of one host: data parallel and FSDP.
 
     python benchmarks/scaling.py --model=XL/2R --batch=64 --remat=none --devices=1,2,4,8 \
-        --modes=dp,fsdp --extra=G/2R:train:128:block:1@2:fsdp --peak_tflops=788 --parallel_compile \
+        --modes=dp,fsdp --extra=G/2R:train:128:block:1@2:fsdp --peak_tflops=788 \
         --out=benchmarks/results/h200x2_scaling.json
 
 The per-device batch is fixed (weak scaling); each case is a ``bench.py`` case
