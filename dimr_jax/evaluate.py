@@ -14,9 +14,9 @@ Here the uint8 arrays the PNGs would hold are computed directly (same rounding:
 writes them (``<out>/png/<label>_<index>.png``) for inspection.
 
 Sampling runs on every device: each batch of labels is sharded over a mesh of all devices (the
-batch axis split over every mesh axis), the EMA params are replicated (or used with the sharding
-they already have, e.g. FSDP inside the training loop), and the last batch is padded to the fixed
-batch size (one compilation) and trimmed. Batch ``i`` uses the noise key ``fold_in(key, i)``.
+batch axis split over every mesh axis), the EMA params are replicated (or, with
+``--shard_params``, restored FSDP-sharded; inside the training loop they keep the sharding they
+have), and the last batch is padded to the fixed batch size (one compilation) and trimmed. Batch ``i`` uses the noise key ``fold_in(key, i)``.
 
 Metrics use :mod:`dimr_jax.fid` (pytorch-fid's InceptionV3): FID against ``--ref_stats`` (an npz
 with ``mu``/``sigma``, or an ADM reference batch whose images are run through the same Inception)
@@ -276,20 +276,31 @@ def resolve_checkpoint(config: ml_collections.ConfigDict | None, checkpoint_dir:
 
 
 def load_model_and_params(config: ml_collections.ConfigDict | None, checkpoint_dir: str,
-                          step: int | None = None, mesh: Mesh | None = None):
-  """Restores ONLY the EMA params (replicated over ``mesh``) and the model they belong to.
+                          step: int | None = None, mesh: Mesh | None = None, *,
+                          shard_params: bool = False, min_size_mb: float | None = None):
+  """Restores ONLY the EMA params and the model they belong to.
 
-  Returns ``(config, abstract_model, ema_params, step)``; see :func:`resolve_checkpoint`.
+  The params are replicated over ``mesh``, or with ``shard_params`` sharded FSDP-style over its
+  last axis (each process reads only its shards; for a model that does not fit one device; the
+  sampling jit gathers each layer as it needs it). ``min_size_mb`` (default: the config's
+  ``fsdp_min_size_mb``) keeps smaller tensors replicated. Returns ``(config, abstract_model,
+  ema_params, step)``; see :func:`resolve_checkpoint`.
   """
   from flax import nnx
 
+  from dimr_jax import sharding as sharding_lib
   from dimr_jax import train
 
   config, step = resolve_checkpoint(config, checkpoint_dir, step)
   model = train.abstract_model(config)
   mesh = mesh or sample_mesh()
-  params = ckpt_lib.restore_ema_params(os.fspath(checkpoint_dir), nnx.state(model, nnx.Param),
-                                       step, sharding=NamedSharding(mesh, P()))
+  abstract = nnx.state(model, nnx.Param)
+  if shard_params:
+    size = config.get("fsdp_min_size_mb", 4.0) if min_size_mb is None else min_size_mb
+    sh = sharding_lib.infer_param_shardings(abstract, mesh, size, axis=mesh.axis_names[-1])
+  else:
+    sh = NamedSharding(mesh, P())
+  params = ckpt_lib.restore_ema_params(os.fspath(checkpoint_dir), abstract, step, sharding=sh)
   return config, model, params, step
 
 
@@ -374,7 +385,7 @@ def evaluate(config: ml_collections.ConfigDict | str | None, checkpoint_dir: str
              png: bool = False, ref_stats: str | None = None, inception: Any = None,
              vae: Any = None, batch_size: int | None = None, steps: int = OFFICIAL_STEPS,
              cfg_scale: float | None = None, cfg_scale_pow: float | None = None,
-             seed: int = 0, inception_batch_size: int = 50) -> dict:
+             seed: int = 0, inception_batch_size: int = 50, shard_params: bool = False) -> dict:
   """Class-balanced samples of a checkpoint's EMA params -> ADM npz (+ PNGs) -> FID / IS.
 
   Args:
@@ -388,6 +399,8 @@ def evaluate(config: ml_collections.ConfigDict | str | None, checkpoint_dir: str
     batch_size: global sampling batch (default ``input.batch_size``), any device count.
     steps, cfg_scale, cfg_scale_pow: sampler overrides (steps default 250 as the official eval;
       guidance defaults to the config's ``sample`` section).
+    shard_params: restore the EMA params sharded over the devices instead of replicated
+      (:func:`load_model_and_params`).
 
   Returns the metrics dict also written to ``<out_dir>/metrics.json``: ``fid`` and
   ``inception_score`` when computed, plus ``npz``, ``num_samples``, ``step``, timings.
@@ -419,7 +432,8 @@ def evaluate(config: ml_collections.ConfigDict | str | None, checkpoint_dir: str
       raise FileNotFoundError(f"{what} {os.fspath(path)} not found")
 
   mesh = sample_mesh()
-  cfg, model, params, step = load_model_and_params(cfg, checkpoint_dir, step, mesh)
+  cfg, model, params, step = load_model_and_params(cfg, checkpoint_dir, step, mesh,
+                                                   shard_params=shard_params)
   decode_fn = make_vae_decode_fn(vae, mesh) if latent else None
 
   sampler_config = sampler_config_from(cfg, steps=steps, cfg_scale=cfg_scale,
@@ -564,12 +578,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--cfg_scale_pow", type=float, default=None,
                  help="> 0: power-cosine guidance with w = cfg_scale (default: config)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--shard_params", action="store_true",
+                 help="shard the EMA params over the devices (FSDP) instead of replicating them")
   args = p.parse_args(argv)
   return evaluate(args.config, args.checkpoint, num_samples=args.num_samples, step=args.step,
                   out_dir=args.out, png=args.png, ref_stats=args.ref_stats,
                   inception=args.inception, vae=args.vae, batch_size=args.batch_size,
                   steps=args.steps, cfg_scale=args.cfg_scale, cfg_scale_pow=args.cfg_scale_pow,
-                  seed=args.seed)
+                  seed=args.seed, shard_params=args.shard_params)
 
 
 if __name__ == "__main__":

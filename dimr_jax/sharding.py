@@ -59,29 +59,32 @@ def _is_stacked(path) -> bool:
 
 
 def fsdp_spec(shape: tuple, fsdp_size: int, *, stacked: bool, min_size_bytes: float,
-              itemsize: int = 4) -> P:
-  """PartitionSpec for one parameter: shard its largest divisible (non-layer) dim over 'fsdp'."""
+              itemsize: int = 4, axis: str = "fsdp") -> P:
+  """PartitionSpec for one parameter: shard its largest divisible (non-layer) dim over ``axis``."""
   if fsdp_size == 1 or math.prod(shape) * itemsize < min_size_bytes:
     return P()
   dims = list(range(1 if stacked else 0, len(shape)))
   for d in sorted(dims, key=lambda i: -shape[i]):
     if shape[d] % fsdp_size == 0:
       spec = [None] * len(shape)
-      spec[d] = "fsdp"
+      spec[d] = axis
       return P(*spec)
-  logging.info("replicating parameter of shape %s: no dimension divisible by fsdp=%d", shape, fsdp_size)
+  logging.info("replicating parameter of shape %s: no dimension divisible by %s=%d", shape, axis,
+               fsdp_size)
   return P()
 
 
-def infer_param_shardings(abstract_tree: Any, mesh: Mesh, min_size_mb: float = 4.0) -> Any:
-  """NamedShardings for a params-shaped pytree (params, EMA or optimizer state)."""
-  fsdp = mesh.shape["fsdp"]
+def infer_param_shardings(abstract_tree: Any, mesh: Mesh, min_size_mb: float = 4.0,
+                          axis: str = "fsdp") -> Any:
+  """NamedShardings for a params-shaped pytree (params, EMA or optimizer state), sharded over
+  the mesh axis ``axis`` (training: 'fsdp'; sampling may use its one 'data' axis)."""
+  fsdp = mesh.shape[axis]
 
   def one(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
     itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
     spec = fsdp_spec(shape, fsdp, stacked=_is_stacked(path), min_size_bytes=min_size_mb * 2**20,
-                     itemsize=itemsize)
+                     itemsize=itemsize, axis=axis)
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)

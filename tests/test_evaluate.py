@@ -215,3 +215,23 @@ def test_inception_score_with_logits(evaluated, fixtures_dir):
     images = z["arr_0"]
   m = evaluate.compute_metrics(images, inception, batch_size=N)
   assert set(m) == {"inception_score", "inception_score_std"} and m["inception_score"] >= 1.0
+
+
+def test_sharded_restore_samples_like_replicated(ckpt, tmp_path):
+  """--shard_params restores the EMA params FSDP-sharded over 8 devices; samples are unchanged."""
+  _, model, rep, _ = evaluate.load_model_and_params(None, ckpt)
+  _, _, shd, _ = evaluate.load_model_and_params(None, ckpt, shard_params=True, min_size_mb=0.0)
+  pairs = list(zip(jax.tree.leaves(rep), jax.tree.leaves(shd)))
+  assert all(a.sharding.is_fully_replicated for a, _ in pairs)
+  sharded = [b for _, b in pairs if not b.sharding.is_fully_replicated]
+  assert len(sharded) > len(pairs) // 2  # the tensors with a dimension divisible by 8
+  assert all(len(b.addressable_shards) == 8 and b.addressable_shards[0].data.size * 8 == b.size
+             for b in sharded)
+  for a, b in pairs:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  r = evaluate.evaluate(None, ckpt, num_samples=N, steps=3, batch_size=BATCH, shard_params=True,
+                        out_dir=str(tmp_path / "sharded"))
+  r0 = evaluate.evaluate(None, ckpt, num_samples=N, steps=3, batch_size=BATCH,
+                         out_dir=str(tmp_path / "replicated"))
+  a, b = np.load(r["npz"])["arr_0"], np.load(r0["npz"])["arr_0"]
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # uint8 images: at most a rounding step
