@@ -3,23 +3,27 @@
     python benchmarks/bench.py --cases=XL/2R:train:64:none,XL/2R:sample:125 --peak_tflops=798 \
         --out=benchmarks/results/h100.json
 
-A case is ``MODEL:train:BATCH:REMAT[:UNROLL][@NDEV[:MODE]]`` or ``MODEL:sample:BATCH``. BATCH is per
-device; UNROLL overrides ``--scan_unroll`` for the case (1: rolled block loops, which compile much
-faster with remat);
-``@NDEV:dp`` trains data-parallel on the first NDEV devices, ``@NDEV:fsdp`` shards the parameters,
-optimizer moments and EMA over them (the ``mesh.fsdp`` axis of training). Each case runs in its own
-subprocess (clean peak-memory statistics, an OOM only loses that case). ``--parallel_compile``
-compiles all cases at once, each in a process that then exits, into a private persistent
-compilation cache; the cases are then timed one after another from the cache, so no two cases
-ever share the accelerators or their memory while timed. But XLA autotunes GPU kernels by timing
-them while it compiles, and compiles side by side disturb those timings: an XL/2R b128 train step
-compiled next to a sampling case ran at 226.5 img/s, compiled alone at 372.8 (benchmarks/NOTES.md
-row 27). Use it to probe what fits; quote times from sequential runs (the default). Train cases time the exact
-jitted step ``train.py`` uses (AdamW, EMA, posterior sampling, multi-scale loss, donation);
-sample cases time one DPM-Solver update with classifier-free guidance (cond + uncond in one 2B
-forward). Inputs are random (never zeros). Timing: >= 3 warm-up steps, then the median of
-``--steps`` individually synchronised steps. MFU = achieved model FLOP/s / peak, with train FLOPs
-= 6 x forward MACs per image and sample FLOPs = 2 x 2 x forward MACs per image-step.
+A case is ``MODEL:train:BATCH:REMAT[:UNROLL][@NDEV[:MODE]]`` or ``MODEL:sample:BATCH``. BATCH is
+per device; UNROLL overrides ``--scan_unroll`` for the case (1: rolled block loops, which compile
+much faster with remat); ``@NDEV:dp`` trains data-parallel on the first NDEV devices,
+``@NDEV:fsdp`` shards the parameters, optimizer moments and EMA over them (the ``mesh.fsdp`` axis
+of training). Each case runs in its own subprocess (clean peak-memory statistics, an OOM only
+loses that case).
+
+``--parallel_compile`` compiles all cases at once, each in a process that then exits, into a
+private persistent compilation cache; the cases are then timed one after another from the cache,
+so no two cases ever share the accelerators or their memory while timed. But XLA autotunes GPU
+kernels by timing them while it compiles, and compiles side by side disturb those timings: an
+XL/2R b128 train step compiled next to a sampling case ran at 226.5 img/s, compiled alone at
+372.8 (benchmarks/NOTES.md row 27). Use it to probe what fits; quote times from sequential runs
+(the default).
+
+Train cases time the exact jitted step ``train.py`` uses (AdamW, EMA, posterior sampling,
+multi-scale loss, donation); sample cases time one DPM-Solver update with classifier-free guidance
+(cond + uncond in one 2B forward). Inputs are random (never zeros). Timing: >= 3 warm-up steps,
+then the median of ``--steps`` individually synchronised steps. MFU = achieved model FLOP/s / peak
+(of all devices of the case), with train FLOPs = 6 x forward MACs per image and sample FLOPs
+= 2 x 2 x forward MACs per image-step.
 """
 from __future__ import annotations
 
@@ -50,6 +54,9 @@ def parse_case(case: str) -> dict:
     raise ValueError(f"bad case {case!r}: want MODEL:train:BATCH:REMAT[:UNROLL][@NDEV[:MODE]] or "
                      f"MODEL:sample:BATCH with MODEL in {sorted(CONFIGS)}")
   wparts = where.split(":") if where else []
+  ints = [parts[2]] + parts[4:5] + wparts[:1]
+  if not all(v.isdigit() for v in ints):
+    raise ValueError(f"bad case {case!r}: BATCH, UNROLL and NDEV are whole numbers")
   ndev = int(wparts[0]) if wparts else 1
   mode = wparts[1] if len(wparts) > 1 else "dp"
   if mode not in MODES or ndev < 1:

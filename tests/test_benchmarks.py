@@ -20,7 +20,7 @@ def test_parse_case():
   c = bench.parse_case("G/2R:train:128:block:1@8:fsdp")
   assert (c["batch"], c["remat"], c["scan_unroll"], c["num_devices"], c["mode"]) == (128, "block", 1, 8, "fsdp")
   assert bench.parse_case("XL/2R:sample:125")["kind"] == "sample"
-  for bad in ("XL/2R:train", "XX:train:64", "XL/2R:eval:64", "XL/2R:train:64:none@2:tp",
+  for bad in ("XL/2R:train", "XX:train:64", "XL/2R:eval:64", "XL/2R:train:64:none@2:tp", "XL/2R:train:b64",
               "XL/2R:sample:125@2:dp", "XL/2R:train:64:none@0:dp"):
     with pytest.raises(ValueError, match="bad case"):
       bench.parse_case(bad)
