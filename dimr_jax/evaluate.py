@@ -16,7 +16,8 @@ writes them (``<out>/png/<label>_<index>.png``) for inspection.
 Sampling runs on every device: each batch of labels is sharded over a mesh of all devices (the
 batch axis split over every mesh axis), the EMA params are replicated (or, with
 ``--shard_params``, restored FSDP-sharded; inside the training loop they keep the sharding they
-have), and the last batch is padded to the fixed batch size (one compilation) and trimmed. Batch ``i`` uses the noise key ``fold_in(key, i)``.
+have), and the last batch is padded to the fixed batch size (one compilation) and trimmed.
+Batch ``i`` uses the noise key ``fold_in(key, i)``.
 
 Metrics use :mod:`dimr_jax.fid` (pytorch-fid's InceptionV3): FID against ``--ref_stats`` (an npz
 with ``mu``/``sigma``, or an ADM reference batch whose images are run through the same Inception)
