@@ -212,6 +212,8 @@ class _Case:
     env = dict(os.environ)
     # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    # NVLink multicast (NVLS) stays off in NCCL: on shared hosts it can take the GPUs down.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
     if compile_only:
       cmd.append("--compile_only")
       # Side by side, none may take a memory pool (a pool is never given back while it lives).

@@ -57,6 +57,7 @@ def test_scaling_runs_on_two_cpu_devices(tmp_path):
   """The real train step of the tiny model, data parallel and FSDP over 2 fake CPU devices."""
   out = tmp_path / "s.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env.pop("NCCL_NVLS_ENABLE", None)
   r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--model=mu", "--batch=4",
                       "--devices=1,2,4", "--parallel_compile", "--steps=2", "--timeout=400",
                       f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
@@ -66,6 +67,7 @@ def test_scaling_runs_on_two_cpu_devices(tmp_path):
   assert [(x["num_devices"], x["mode"]) for x in recs] == [(1, "dp"), (2, "dp"), (2, "fsdp")]
   assert all(x["global_batch"] == 4 * x["num_devices"] and x["img_per_s"] > 0 for x in recs)
   assert recs[2]["mesh"] == {"data": 1, "fsdp": 2}
+  assert all(x["env"]["NCCL_NVLS_ENABLE"] == "0" for x in recs)  # NVLink multicast off by default
   assert all(x["scaling_efficiency"] > 0 for x in recs)
   assert out.with_suffix(".md").read_text().startswith("| model | GPUs |")
 
