@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -37,7 +36,7 @@ from dimr_jax.models import pallas_util as pu
 
 Array = jax.Array
 
-_I0, _I1 = np.int32(0), np.int32(1)  # see geglu_kernel: interpret mode wants indices with .shape
+I0, I1 = gk.I0, gk.I1  # the halves' indices (numpy scalars: see geglu_kernel)
 
 
 class _Config(NamedTuple):
@@ -53,31 +52,26 @@ def _kernel(x_ref, w_ref, b_ref, *out_refs, rows: int, depth: int, bk: int, save
   """One (bm, bn) tile of h (and of both halves of h01): K loop of two dots, GEGLU epilogue."""
   o_ref = out_refs[0]
   bm, bn = o_ref.shape
-  row_ok = None
-  if rows % bm:
-    row_ok = pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, bk), 0) < rows
+  row_ok = pu.row_mask(rows, bm, bk)
 
   def body(k, accs):
     a0, a1 = accs
     ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
     xb = pu.load(x_ref.at[:, ks], row_ok)
-    a0 = a0 + pu.dot(xb, w_ref[ks, _I0, :])
-    a1 = a1 + pu.dot(xb, w_ref[ks, _I1, :])
+    a0 = a0 + pu.dot(xb, w_ref[ks, I0, :])
+    a1 = a1 + pu.dot(xb, w_ref[ks, I1, :])
     return a0, a1
 
   zero = jnp.zeros((bm, bn), jnp.float32)
   a0, a1 = lax.fori_loop(0, depth // bk, body, (zero, zero))
   dt = o_ref.dtype
   h0, h1 = a0.astype(dt), a1.astype(dt)  # the GEMM's own rounding of h01
-  mask = None if rows % bm == 0 else (
-      pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < rows)
+  mask = pu.row_mask(rows, bm, bn)
   if save_h01:
     h_ref = out_refs[1]
-    pu.store(h_ref.at[:, _I0, :], h0, mask)
-    pu.store(h_ref.at[:, _I1, :], h1, mask)
-  f0 = (h0.astype(jnp.float32) + b_ref[_I0, :].astype(jnp.float32)[None, :]).astype(dt)
-  f1 = (h1.astype(jnp.float32) + b_ref[_I1, :].astype(jnp.float32)[None, :]).astype(dt)
-  f0, f1 = f0.astype(jnp.float32), f1.astype(jnp.float32)
+    pu.store(h_ref.at[:, I0, :], h0, mask)
+    pu.store(h_ref.at[:, I1, :], h1, mask)
+  f0, f1 = gk.add_bias(h0, h1, b_ref, dt)  # exactly the unfused kernel's bias rounding
   pu.store(o_ref, (gk.gelu_f32(f0) * f1).astype(dt), mask)
 
 

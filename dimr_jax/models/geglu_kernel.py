@@ -35,7 +35,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 
 from dimr_jax.models import pallas_util as pu
@@ -126,37 +125,31 @@ class _Config(NamedTuple):
   interpret: bool
 
 
-def _row_mask(rows: int, bm: int, bh: int) -> Array | None:
-  """Rows of this program's block that exist, or None when bm divides M (no mask needed).
-
-  Pallas' Triton lowering does not mask a block that runs past the array's end, so the last row
-  block must mask its loads and stores itself.
-  """
-  if rows % bm == 0:
-    return None
-  r = pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, bh), 0)
-  return r < rows
-
-
 # The two halves' indices in the (bm, 2, bh) block. numpy scalars, not Python ints: jax 0.10's
 # interpret-mode discharge of a masked load/store needs every index to have a .shape.
-_I0, _I1 = np.int32(0), np.int32(1)
+I0, I1 = np.int32(0), np.int32(1)
+
+
+def add_bias(h0: Array, h1: Array, b_ref, dtype) -> tuple[Array, Array]:
+  """Both GEMM-output halves plus their bias columns (row ``I0``/``I1`` of a (2, bh) bias
+  block), as the GEMM+bias would give them: the sum rounded to the compute dtype (what XLA's path
+  feeds gelu), then float32."""
+  def one(h, i):
+    b = b_ref[i, :].astype(jnp.float32)[None, :]
+    return (h.astype(jnp.float32) + b).astype(dtype).astype(jnp.float32)
+  return one(h0, I0), one(h1, I1)
 
 
 def _halves(h_ref, b_ref, mask, dtype):
-  """The two halves of a (bm, 2, bh) block plus their bias columns, as the GEMM+bias would give
-  them: the sum rounded to the compute dtype (what XLA's path feeds gelu), then float32."""
-  h0 = pu.load(h_ref.at[:, _I0, :], mask).astype(jnp.float32)
-  h1 = pu.load(h_ref.at[:, _I1, :], mask).astype(jnp.float32)
-  h0 = (h0 + b_ref[_I0, :].astype(jnp.float32)[None, :]).astype(dtype).astype(jnp.float32)
-  h1 = (h1 + b_ref[_I1, :].astype(jnp.float32)[None, :]).astype(dtype).astype(jnp.float32)
-  return h0, h1
+  """The two halves of a (bm, 2, bh) block with their bias added (:func:`add_bias`)."""
+  return add_bias(pu.load(h_ref.at[:, I0, :], mask), pu.load(h_ref.at[:, I1, :], mask), b_ref,
+                  dtype)
 
 
 def _fwd_kernel(h_ref, b_ref, o_ref, *, rows: int):
   """o = gelu(h[:, 0] + b[0]) * (h[:, 1] + b[1]) on a (bm, 2, bh) block of the (M, 2, H) view."""
   bm, bh = o_ref.shape
-  mask = _row_mask(rows, bm, bh)
+  mask = pu.row_mask(rows, bm, bh)
   h0, h1 = _halves(h_ref, b_ref, mask, o_ref.dtype)
   pu.store(o_ref, (gelu_f32(h0) * h1).astype(o_ref.dtype), mask)
 
@@ -168,16 +161,16 @@ def _bwd_kernel(h_ref, b_ref, g_ref, o_ref, db_ref, *, rows: int):
   the bias gradient needs no second read of dh01. Masked rows load as zero and add nothing.
   """
   bm, bh = g_ref.shape
-  mask = _row_mask(rows, bm, bh)
+  mask = pu.row_mask(rows, bm, bh)
   h0, h1 = _halves(h_ref, b_ref, mask, o_ref.dtype)
   g = pu.load(g_ref, mask).astype(jnp.float32)
   cdf, ex = normal_cdf(h0)
   dgelu = cdf + h0 * ex * _INV_SQRT_2PI
   d0, d1 = g * h1 * dgelu, g * (h0 * cdf)
-  pu.store(o_ref.at[:, _I0, :], d0.astype(o_ref.dtype), mask)
-  pu.store(o_ref.at[:, _I1, :], d1.astype(o_ref.dtype), mask)
-  db_ref[0, _I0, :] = jnp.sum(d0, axis=0)
-  db_ref[0, _I1, :] = jnp.sum(d1, axis=0)
+  pu.store(o_ref.at[:, I0, :], d0.astype(o_ref.dtype), mask)
+  pu.store(o_ref.at[:, I1, :], d1.astype(o_ref.dtype), mask)
+  db_ref[0, I0, :] = jnp.sum(d0, axis=0)
+  db_ref[0, I1, :] = jnp.sum(d1, axis=0)
 
 
 def _blocks(rows: int, hidden: int, cfg: _Config):

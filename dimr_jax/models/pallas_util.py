@@ -7,6 +7,9 @@ keeps every op on XLA).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
 try:  # the Pallas Triton backend is deprecated in jax 0.11 and may be gone in later releases
   from jax.experimental.pallas import triton as pltriton
@@ -46,11 +49,21 @@ def compiler_params(num_warps: int, num_stages: int = 1):
 
 def dot(a: Array, b: Array) -> Array:
   """A block matmul with float32 accumulation (tensor cores); lives in pallas.triton since jax 0.10."""
-  f = getattr(pltriton, "dot", None)
-  if f is None:  # pragma: no cover - older jax
-    from jax.experimental import pallas as pl
-    f = pl.dot
+  f = getattr(pltriton, "dot", None) or pl.dot
   return f(a, b)
+
+
+def row_mask(rows: int, bm: int, width: int) -> Array | None:
+  """(bm, width) mask of the rows of this program's row block (grid axis 1) that exist, or None
+  when bm divides ``rows`` (no mask needed).
+
+  Pallas' Triton lowering does not mask a block that runs past the array's end, so the last row
+  block must mask its loads and stores itself.
+  """
+  if rows % bm == 0:
+    return None
+  r = pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, width), 0)
+  return r < rows
 
 
 def load(ref, mask: Array | None) -> Array:

@@ -107,12 +107,10 @@ def _tile_mask(rows: int, d: int, bm: int, dpad: int) -> Array | None:
   when bm does not divide N. Pallas' Triton lowering masks neither, and the masked-off elements
   must load as 0 so that they add nothing to the row and column sums.
   """
-  mask = None
+  mask = pu.row_mask(rows, bm, dpad)
   if dpad != d:
-    mask = lax.broadcasted_iota(jnp.int32, (bm, dpad), 1) < d
-  if rows % bm:
-    r = pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, dpad), 0)
-    mask = r < rows if mask is None else mask & (r < rows)
+    cols = lax.broadcasted_iota(jnp.int32, (bm, dpad), 1) < d
+    mask = cols if mask is None else mask & cols
   return mask
 
 
