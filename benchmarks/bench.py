@@ -306,7 +306,13 @@ def main(argv=None) -> int:
     if res is not None:
       print("RESULT " + json.dumps(res), flush=True)
     return 0
-  records = run_cases([c for c in args.cases.split(",") if c], args)
+  cases = [c for c in args.cases.split(",") if c]
+  for c in cases:
+    try:
+      parse_case(c)
+    except ValueError as e:
+      p.error(str(e))  # one line and exit 2, before anything compiles
+  records = run_cases(cases, args)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -90,6 +90,11 @@ def main(argv=None) -> int:
   modes = [m for m in args.modes.split(",") if m]
   if any(m not in bench.MODES for m in modes):
     p.error(f"--modes takes {bench.MODES}, got {modes}")
+  for c in [c for c in args.extra.split(",") if c]:
+    try:
+      bench.parse_case(c)
+    except ValueError as e:
+      p.error(str(e))  # one line and exit 2, before anything starts
   available = device_count()
   cases, skipped = scaling_cases(args.model, args.batch, args.remat,
                                  [int(n) for n in args.devices.split(",") if n], modes, available)

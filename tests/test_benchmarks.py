@@ -26,6 +26,13 @@ def test_parse_case():
       bench.parse_case(bad)
 
 
+def test_bad_case_on_the_command_line_is_one_line():
+  r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--cases=XL/2R:train:b64"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "bad case 'XL/2R:train:b64'" in r.stderr.strip().splitlines()[-1]
+
+
 def test_mesh_config():
   assert bench.mesh_config(4, "dp") == {"data": 4, "fsdp": 1}
   assert bench.mesh_config(4, "fsdp") == {"data": 1, "fsdp": 4}
