@@ -121,6 +121,41 @@ def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
   return out
 
 
+_SHAPE_OP = re.compile(r"=\s*(\S+?)\s+([\w\-]+)\(")
+_KIND = re.compile(r"kind=(\w+)")
+_BORING = {"parameter", "constant", "bitcast", "broadcast", "get-tuple-element", "tuple", "reshape"}
+
+
+def hlo_signatures(dump_dir: str) -> dict[tuple[str, str], str]:
+  """(module, HLO instruction) -> 'shape opcode[kind] {opcodes of the computation it calls}'.
+
+  Ops of different blocks of an unrolled stage get the same signature, so ``--detail`` can sum
+  them: it says *what* a fusion does (its output and the operations fused into it).
+  """
+  out = {}
+  for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
+    module = os.path.basename(path).split(".")[1]
+    comp_ops, lines, comp = collections.defaultdict(set), [], None
+    with open(path) as f:
+      for line in f:
+        c = _COMP.match(line)
+        if c and "=" not in line.split("(")[0]:
+          comp = c.group(1)
+          continue
+        m, so = _INSTR.match(line), _SHAPE_OP.search(line)
+        if not m or not so:
+          continue
+        if comp is not None and so.group(2) not in _BORING:
+          comp_ops[comp].add(so.group(2))
+        lines.append((m.group(1), so.group(1).split("{")[0], so.group(2), _KIND.search(line),
+                      _CALLS.search(line)))
+    for name, shape, opcode, kind, calls in lines:
+      inner = sorted(comp_ops.get(calls.group(1), ())) if calls else []
+      kind = f"[{kind.group(1)}]" if kind else ""
+      out[(module, name)] = f"{shape} {opcode}{kind} {{{','.join(inner)}}}"[:200]
+  return out
+
+
 def scope_of(op_name: str) -> str:
   """'jit(step)/transpose(jvp(stage0/attn))/norm/mul' -> 'bwd stage0/attn/norm mul'.
 
@@ -149,6 +184,11 @@ def main(argv=None) -> int:
   p.add_argument("--by_source", type=int, default=40,
                  help="also dump the optimized HLO and print the top N named scopes by time "
                       "(0: off; on also turns command buffers off for the traced run)")
+  p.add_argument("--detail", default="",
+                 help="regex on the scope (e.g. 'bwd stage0/attn'): list its HLO ops summed over "
+                      "the blocks by what they compute (output shape, fused opcodes); needs "
+                      "--by_source")
+  p.add_argument("--detail_top", type=int, default=100)
   args = p.parse_args(argv)
   dump_dir = ""
   if args.by_source:
@@ -189,6 +229,15 @@ def main(argv=None) -> int:
       print(f"top {args.by_source} by {title} (ms/step, kernels/step, fwd|bwd scope):")
       for where, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[: args.by_source]:
         print(f"  {per_step(t):8.3f} {c / args.steps:6.0f}  {where[:120]}")
+    if args.detail:
+      sig, rx, detail = hlo_signatures(dump_dir), re.compile(args.detail), {}
+      for op, (t, c) in by_op.items():
+        where = src.get(op, f"? {op[1]}")
+        if rx.search(where):
+          _add(detail, f"{where[:48]:48s} {sig.get(op, op[1])}", t, c)
+      print(f"ops of scopes matching {args.detail!r} by signature (ms/step, launches/step):")
+      for what, (t, c) in sorted(detail.items(), key=lambda kv: -kv[1][0])[:args.detail_top]:
+        print(f"  {per_step(t):8.3f} {c / args.steps:6.0f}  {what}")
   return 0
 
 
