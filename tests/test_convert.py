@@ -43,9 +43,11 @@ def test_fixture_outputs_match_official(fixtures_dir, name):
     np.testing.assert_allclose(np.asarray(o), ref, atol=1e-5, rtol=1e-5)
 
 
-# '': XLA only (the CPU/TPU path); 'geglu': the GPU default in bf16; all kernels (opt-in). Off GPU
-# the Pallas kernels run in interpret mode: the same arithmetic the GPU compiles.
-@pytest.mark.parametrize("pallas_ops", ["", "geglu", "geglu_gemm", "dwconv,geglu,rmsnorm"])
+# '': XLA only (the CPU/TPU path); 'geglu': the GPU default in bf16; all kernels (opt-in);
+# 'rmsnorm_bwd': the norm's Pallas backward under XLA's forward. Off GPU the Pallas kernels run in
+# interpret mode: the same arithmetic the GPU compiles.
+@pytest.mark.parametrize("pallas_ops", ["", "geglu", "geglu_gemm", "dwconv,geglu,rmsnorm",
+                                        "rmsnorm_bwd", "geglu,rmsnorm_bwd"])
 def test_bf16_path_close_to_float32(fixtures_dir, pallas_ops):
   import jax.numpy as jnp
   d, meta, sd = _load(fixtures_dir, "dimr_tiny_2r_perturbed")

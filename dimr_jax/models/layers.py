@@ -108,20 +108,41 @@ def shared_value(v: Array) -> Array | None:
   return v[0] if v.shape[0] == 1 else None
 
 
-class TDRMSNorm(nnx.Module):
-  """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift."""
+class Norm(nnx.Module):
+  """The norms' interface: ``norm(x, tau)``, and :meth:`tap` for a pre-norm residual block."""
+
+  def tap(self, x: Array, tau: Array) -> tuple[Array, Array]:
+    """``(x, self(x, tau))`` for ``x + f(norm(x))`` (see Attention.residual): a norm may route
+    the residual stream's gradient through its own backward (TDRMSNorm's 'pallas_bwd')."""
+    return x, self(x, tau)
+
+
+class TDRMSNorm(Norm):
+  """Time-dependent RMSNorm (the released ``norm_type='TDRMSN'``): scale(t) only, no shift.
+
+  ``impl`` (rmsnorm_kernel.py): "xla"; "pallas" (pallas_ops 'rmsnorm': kernels both ways; it
+  wins over 'rmsnorm_bwd'); "pallas_bwd" (pallas_ops 'rmsnorm_bwd': XLA's forward, still fused
+  with the residual add, and the Pallas backward, which through :meth:`tap` also adds the residual
+  stream's gradient).
+  """
 
   def __init__(self, dim: int, pallas_ops: tuple[str, ...] = ()):
     self.scale = TimeDependentParameter(dim, 1.0)
-    self.impl = "pallas" if "rmsnorm" in pallas_ops else "xla"
+    self.impl = ("pallas" if "rmsnorm" in pallas_ops else
+                 "pallas_bwd" if "rmsnorm_bwd" in pallas_ops else "xla")
 
   def __call__(self, x: Array, tau: Array) -> Array:
-    if self.impl == "pallas":  # one read of x forward; backward saves x and scale only
-      return rmsnorm_kernel.scaled_rms_norm(x, self.scale(tau), impl="pallas")
-    return _scaled_rms_norm(x, _bcast(self.scale(tau), x))
+    if self.impl == "xla":
+      return _scaled_rms_norm(x, _bcast(self.scale(tau), x))
+    return rmsnorm_kernel.scaled_rms_norm(x, self.scale(tau), impl=self.impl)
+
+  def tap(self, x: Array, tau: Array) -> tuple[Array, Array]:
+    if self.impl == "pallas_bwd":
+      return rmsnorm_kernel.scaled_rms_norm_tap(x, self.scale(tau))
+    return super().tap(x, tau)
 
 
-class TDLayerNorm(nnx.Module):
+class TDLayerNorm(Norm):
   """Time-dependent LayerNorm (the paper's TD-LN, official ``LayerNorm`` in sigmoid/module.py).
 
   gamma(t) and beta(t) are TDPs named ``weight``/``bias`` as in the official state dict.
@@ -135,7 +156,7 @@ class TDLayerNorm(nnx.Module):
     return _affine_layer_norm(x, _bcast(self.weight(tau), x), _bcast(self.bias(tau), x))
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(Norm):
   """Plain RMSNorm with a learned scale (``norm_type='RMSN'`` ablation: no time input)."""
 
   def __init__(self, dim: int):
@@ -146,7 +167,7 @@ class RMSNorm(nnx.Module):
     return _scaled_rms_norm(x, self.scale[...])
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(Norm):
   """Plain LayerNorm with learned gamma/beta (``norm_type='PLAIN_LN'`` ablation: no time input)."""
 
   def __init__(self, dim: int):
@@ -161,7 +182,7 @@ class LayerNorm(nnx.Module):
 NORM_TYPES = {"TDRMSN": TDRMSNorm, "LN": TDLayerNorm, "RMSN": RMSNorm, "PLAIN_LN": LayerNorm}
 
 
-def make_norm(norm_type: str, dim: int, pallas_ops: tuple[str, ...] = ()) -> nnx.Module:
+def make_norm(norm_type: str, dim: int, pallas_ops: tuple[str, ...] = ()) -> Norm:
   if norm_type not in NORM_TYPES:
     raise ValueError(
         f"unknown norm_type {norm_type!r}; choose one of {sorted(NORM_TYPES)} "
@@ -249,8 +270,20 @@ class GegluMLP(nnx.Module):
 
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
+    return self._body(self.norm(x, tau))
+
+  def residual(self, x: Array, tau: Array) -> Array:
+    """``x + self(x, tau)``, the norm tapping x (:meth:`Norm.tap`) so that its backward can take
+    the residual stream's gradient. The add is the block's (outside the 'mlp' scope)."""
+    with jax.named_scope("mlp"):
+      x, xn = self.norm.tap(x, tau)
+      out = self._body(xn)
+    return x + out
+
+  def _body(self, xn: Array) -> Array:
+    """The MLP on the normalised input."""
     dt = self.w0.dtype
-    h = self.norm(x, tau).astype(dt)
+    h = xn.astype(dt)
     # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
     # gradient GEMM); the parameters stay separate, as in the official state dict.
     k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
@@ -263,7 +296,9 @@ class GegluMLP(nnx.Module):
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_narrow", "rmsnorm")
+PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
+# 'rmsnorm_bwd': TD-RMSNorm's Pallas backward only (its forward stays on XLA, fused with the
+# residual add); not in AUTO_PALLAS_OPS until measured faster in the model on a GPU.
 # 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
 # ConvNeXt stages): at K = 480 it beat cuBLAS + the GEGLU pass, at K = 960 it lost (NOTES row 26).
 GEGLU_GEMM_NARROW_BELOW = 768
@@ -360,12 +395,24 @@ class Attention(nnx.Module):
 
   @jax.named_scope("attn")
   def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    b, n, d = x.shape
+    return self._body(self.norm(x, tau), seq_len)
+
+  def residual(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
+    """``x + self(x, tau, seq_len)``, the norm tapping x (:meth:`Norm.tap`) so that its backward
+    can take the residual stream's gradient. The add is the block's (outside the 'attn' scope)."""
+    with jax.named_scope("attn"):
+      x, xn = self.norm.tap(x, tau)
+      out = self._body(xn, seq_len)
+    return x + out
+
+  def _body(self, xn: Array, seq_len: int | None) -> Array:
+    """The attention on the normalised input."""
+    b, n, d = xn.shape
     nh = self.num_heads
     hd = d // nh
     dt = self.query_key_value.dtype
     hdp = hd + (-hd % 8) if self.attention_impl == "cudnn" else hd
-    xn = self.norm(x, tau).astype(dt)
+    xn = xn.astype(dt)
     w = self.query_key_value.kernel[...].astype(dt).reshape(d, 3, nh, hd)
     wo = self.dense.kernel[...].astype(dt).reshape(nh, hd, d)
     if hdp != hd:
@@ -389,8 +436,8 @@ class TransformerBlock(nnx.Module):
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
 
   def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    x = x + self.block1(x, tau, seq_len=seq_len)
-    return x + self.block2(x, tau)
+    x = self.block1.residual(x, tau, seq_len=seq_len)
+    return self.block2.residual(x, tau)
 
 
 class ConvNeXtBlock(nnx.Module):
@@ -414,7 +461,7 @@ class ConvNeXtBlock(nnx.Module):
                                           conv.bias[...])
       else:
         x = x + conv(x)
-    return x + self.block2(x, tau)
+    return self.block2.residual(x, tau)
 
 
 def pixel_shuffle(x: Array, r: int) -> Array:

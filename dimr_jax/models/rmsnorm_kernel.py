@@ -40,6 +40,13 @@ Measured on an H100 (benchmarks/NOTES.md row 23): faster than XLA's norm on thei
 0.335 -> 0.196 ms at (64, 1024, 480)), but slower inside the model, where XLA fuses the norm with
 the residual add before it and a custom call cannot be fused: the model uses them only when asked
 (``model.pallas_ops='rmsnorm'``).
+
+Hence a backward-only variant, :func:`scaled_rms_norm_tap` (``model.pallas_ops='rmsnorm_bwd'``):
+its forward is the XLA expression (not rematerialised: the custom VJP saves x and scale only), so
+XLA still fuses it with the residual add; its backward is the kernel above. It also returns x
+itself, so that a pre-norm block ``x + f(norm(x))`` hands it the residual stream's gradient too:
+the kernel adds that to dx in float32 before its one store (``dx = g_res + r*(g*s) - x*proj``)
+instead of XLA adding the two bf16 gradients in another pass over HBM.
 """
 from __future__ import annotations
 
@@ -73,13 +80,17 @@ def rms_normalize(x: Array) -> Array:
   return xf / (rms + EPS)
 
 
+def _scaled(x: Array, scale: Array) -> Array:
+  return (rms_normalize(x) * scale).astype(x.dtype)
+
+
 # Rematerialised as in the model: its float32 intermediates would otherwise be saved for the
 # backward pass.
 @jax.named_scope("norm")
 @jax.checkpoint
 def scaled_rms_norm_xla(x: Array, scale: Array) -> Array:
   """(rms_normalize(x) * scale) in x.dtype, scale broadcastable to x (rematerialised)."""
-  return (rms_normalize(x) * scale).astype(x.dtype)
+  return _scaled(x, scale)
 
 
 def _bcast(v: Array, x: Array) -> Array:
@@ -138,12 +149,15 @@ def _fwd_kernel(x_ref, s_ref, y_ref, *, rows: int, d: int):
   pu.store(y_ref, y.astype(y_ref.dtype), mask)
 
 
-def _bwd_kernel(x_ref, s_ref, g_ref, dx_ref, ds_ref, *, rows: int, d: int):
+def _bwd_kernel(x_ref, s_ref, g_ref, *refs, rows: int, d: int):
   """dx of one tile (module docstring) and the tile's column sums of g * xhat into ds_ref.
 
-  ds_ref is this program's (1, dpad) row of the float32 partial sums; the padding columns hold 0
-  (x and g load as 0 there), so it is stored unmasked and sliced off outside.
+  ``refs`` is (dx_ref, ds_ref), or (res_ref, dx_ref, ds_ref) when a residual gradient is added to
+  dx (in float32, before the one store). ds_ref is this program's (1, dpad) row of the float32
+  partial sums; the padding columns hold 0 (x and g load as 0 there), so it is stored unmasked and
+  sliced off outside.
   """
+  *res, dx_ref, ds_ref = refs
   bm, dpad = dx_ref.shape
   mask = _tile_mask(rows, d, bm, dpad)
   x = pu.load(x_ref, mask).astype(jnp.float32)
@@ -155,7 +169,10 @@ def _bwd_kernel(x_ref, s_ref, g_ref, dx_ref, ds_ref, *, rows: int, d: int):
   # r^2 / (d rms) * sum(g s x); the limit for a zero row (rms = 0, so x = 0 and the sum = 0) is 0.
   coef = jnp.where(rms > 0.0, r * r / (d * jnp.where(rms > 0.0, rms, 1.0)), 0.0)
   proj = jnp.sum(gs * x, axis=1, keepdims=True) * coef
-  pu.store(dx_ref, (r * gs - x * proj).astype(dx_ref.dtype), mask)
+  dx = r * gs - x * proj
+  if res:
+    dx = pu.load(res[0], mask).astype(jnp.float32) + dx
+  pu.store(dx_ref, dx.astype(dx_ref.dtype), mask)
   ds_ref[...] = jnp.sum(g * (x / denom), axis=0, keepdims=True)
 
 
@@ -182,20 +199,25 @@ def _fwd_call(x: Array, scale: Array, cfg: _Config) -> Array:
   )(x, scale)
 
 
-def _bwd_call(x: Array, scale: Array, g: Array, cfg: _Config) -> tuple[Array, Array]:
+def _bwd_call(x: Array, scale: Array, g: Array, cfg: _Config,
+              g_res: Array | None = None) -> tuple[Array, Array]:
+  """(dx, dscale) of (B, N, d) x for the cotangent g. ``g_res`` (x's shape), if given, is added to
+  dx in the kernel: the gradient of a residual stream that x also feeds."""
   batch, rows, d = x.shape
   dpad = pu.next_pow2(d)
   tile, sspec = _specs(scale.shape[0], dpad, cfg.bm_bwd)
   nblk = pl.cdiv(rows, cfg.bm_bwd)
   part = pl.BlockSpec((_SQUEEZED, 1, dpad), lambda b, i: (b, i, 0))
+  extra = () if g_res is None else (g_res.astype(x.dtype),)
   dx, partial_ds = pl.pallas_call(
       functools.partial(_bwd_kernel, rows=rows, d=d),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((batch, nblk, dpad), jnp.float32)),
-      grid=(batch, nblk), in_specs=[tile, sspec, tile], out_specs=(tile, part),
+      grid=(batch, nblk), in_specs=[tile, sspec, tile] + [tile] * len(extra),
+      out_specs=(tile, part),
       compiler_params=pu.compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=cfg.interpret, name="rmsnorm_bwd",
-  )(x, scale, g.astype(x.dtype))
+  )(x, scale, g.astype(x.dtype), *extra)
   ds = jnp.sum(partial_ds[:, :, :d], axis=1)  # (B, d)
   if scale.shape[0] == 1:
     ds = jnp.sum(ds, axis=0, keepdims=True)
@@ -219,6 +241,81 @@ def _rms_norm_pallas_bwd(cfg: _Config, res, g: Array):
 _rms_norm_pallas.defvjp(_rms_norm_pallas_fwd, _rms_norm_pallas_bwd)
 
 
+# The backward-only variant: XLA's forward (fusible with the residual add), the Pallas backward.
+
+
+def _rows_view(a: Array) -> Array:
+  """(B, ..., d) -> (B, N, d), the kernels' layout."""
+  return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_tap(x: Array, scale: Array, cfg: _Config) -> tuple[Array, Array]:
+  return x, _scaled(x, _bcast(scale, x))
+
+
+def _rms_norm_tap_fwd(x: Array, scale: Array, cfg: _Config):
+  return _rms_norm_tap(x, scale, cfg), (x, scale)
+
+
+def _rms_norm_tap_bwd(cfg: _Config, res, cts):
+  x, scale = res
+  g_x, g_y = cts
+  dx, ds = _bwd_call(_rows_view(x), scale, _rows_view(g_y), cfg, g_res=_rows_view(g_x))
+  return dx.reshape(x.shape), ds
+
+
+_rms_norm_tap.defvjp(_rms_norm_tap_fwd, _rms_norm_tap_bwd)
+
+
+def _check_scale(x: Array, scale: Array) -> None:
+  if x.ndim < 2:
+    raise ValueError(f"scaled_rms_norm: x must be (B, ..., d), got shape {x.shape}")
+  batch, d = x.shape[0], x.shape[-1]
+  if scale.ndim != 2 or scale.shape[1] != d or scale.shape[0] not in (1, batch):
+    raise ValueError(f"scaled_rms_norm: scale {scale.shape} does not fit x {x.shape} "
+                     f"(want ({batch}, {d}) per sample or (1, {d}) shared)")
+
+
+def _config(x: Array, bm: int | None, bm_bwd: int | None, num_warps: int, num_stages: int,
+            interpret: bool | None) -> _Config:
+  """The kernels' launch parameters for x (defaults: :func:`scaled_rms_norm`)."""
+  for name, b in (("bm", bm), ("bm_bwd", bm_bwd)):
+    if b is not None and (b <= 0 or b & (b - 1)):
+      raise ValueError(f"{name} must be a power of two, got {b}")
+  rows = math.prod(x.shape[1:-1])
+  if interpret is None:
+    interpret = pu.interpret_default()
+  if bm is None:
+    bm = max(1, _BLOCK_ELEMS // pu.next_pow2(x.shape[-1]))
+  bm_bwd = bm if bm_bwd is None else bm_bwd
+  return _Config(bm=min(bm, pu.next_pow2(rows)), bm_bwd=min(bm_bwd, pu.next_pow2(rows)),
+                 num_warps=num_warps, num_stages=num_stages, interpret=bool(interpret))
+
+
+@jax.named_scope("norm")
+def scaled_rms_norm_tap(x: Array, scale: Array, *, bm: int | None = None,
+                        bm_bwd: int | None = None, num_warps: int = 8, num_stages: int = 1,
+                        interpret: bool | None = None) -> tuple[Array, Array]:
+  """``(x, scaled_rms_norm_xla(x, scale))`` with the Pallas backward, for ``x + f(norm(x))``.
+
+  The forward is XLA's expression (XLA fuses it with whatever produced x, typically the residual
+  add), without jax.checkpoint: the custom VJP saves only x and scale. The backward takes the
+  cotangents (g_x, g_y) of both outputs and returns ``(g_x + dx, dscale)`` from one kernel launch,
+  the residual-stream gradient g_x added to the norm's dx in float32 inside the kernel. A caller
+  computes ``x, xn = scaled_rms_norm_tap(x, scale)`` and then ``x + f(xn)``, so that g_x is the
+  gradient of that add.
+
+  Arguments as :func:`scaled_rms_norm`; bm matters only as the default of bm_bwd (the forward is
+  XLA's).
+  """
+  _check_scale(x, scale)
+  cfg = _config(x, bm, bm_bwd, num_warps, num_stages, interpret)
+  if x.size == 0:
+    return x, jnp.zeros(x.shape, x.dtype)
+  return _rms_norm_tap(x, scale, cfg)
+
+
 def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None = None,
                     bm_bwd: int | None = None, num_warps: int = 8, num_stages: int = 1,
                     interpret: bool | None = None) -> Array:
@@ -229,7 +326,8 @@ def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None
     scale: (B, d) per-sample scale (time-dependent) or (1, d) shared by the batch; float32.
     impl: "xla": the model's expression (what layers.py runs, including its
       jax.checkpoint). "pallas": the Triton kernels of this module with a Pallas backward through a
-      custom VJP whose residuals are x and scale only.
+      custom VJP whose residuals are x and scale only. "pallas_bwd": XLA's forward with the Pallas
+      backward (:func:`scaled_rms_norm_tap` without its x output).
     bm: rows per tile, a power of two; default _BLOCK_ELEMS // dpad (dpad = d rounded up to a power
       of two): 8 for d = 960 (dpad 1024), 16 for 480, 4 for 1152/1920 (dpad 2048). Reduced to N
       rounded up to a power of two when N is smaller.
@@ -241,29 +339,17 @@ def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None
     num_warps, num_stages: Triton launch parameters (num_stages is moot: the kernels have no loop).
     interpret: Pallas interpret mode; default: on when the default backend is the CPU.
   """
-  if x.ndim < 2:
-    raise ValueError(f"scaled_rms_norm: x must be (B, ..., d), got shape {x.shape}")
-  batch, d = x.shape[0], x.shape[-1]
-  if scale.ndim != 2 or scale.shape[1] != d or scale.shape[0] not in (1, batch):
-    raise ValueError(f"scaled_rms_norm: scale {scale.shape} does not fit x {x.shape} "
-                     f"(want ({batch}, {d}) per sample or (1, {d}) shared)")
+  kernel_kw = dict(bm=bm, bm_bwd=bm_bwd, num_warps=num_warps, num_stages=num_stages,
+                   interpret=interpret)
+  if impl == "pallas_bwd":
+    return scaled_rms_norm_tap(x, scale, **kernel_kw)[1]
+  _check_scale(x, scale)
   if impl == "xla":
     return scaled_rms_norm_xla(x, _bcast(scale, x))
   if impl != "pallas":
-    raise ValueError(f"unknown scaled_rms_norm impl {impl!r} (expected 'xla' or 'pallas')")
-  for name, b in (("bm", bm), ("bm_bwd", bm_bwd)):
-    if b is not None and (b <= 0 or b & (b - 1)):
-      raise ValueError(f"{name} must be a power of two, got {b}")
-  rows = math.prod(x.shape[1:-1])
+    raise ValueError(f"unknown scaled_rms_norm impl {impl!r} "
+                     "(expected 'xla', 'pallas' or 'pallas_bwd')")
+  cfg = _config(x, **kernel_kw)
   if x.size == 0:
     return jnp.zeros(x.shape, x.dtype)
-  if interpret is None:
-    interpret = pu.interpret_default()
-  if bm is None:
-    bm = max(1, _BLOCK_ELEMS // pu.next_pow2(d))
-  bm_bwd = bm if bm_bwd is None else bm_bwd
-  cfg = _Config(bm=min(bm, pu.next_pow2(rows)), bm_bwd=min(bm_bwd, pu.next_pow2(rows)),
-                num_warps=num_warps, num_stages=num_stages,
-                interpret=bool(interpret))
-  y = _rms_norm_pallas(x.reshape(batch, rows, d), scale, cfg)
-  return y.reshape(x.shape)
+  return _rms_norm_pallas(_rows_view(x), scale, cfg).reshape(x.shape)
