@@ -23,7 +23,7 @@ import copy
 import json
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -198,48 +198,6 @@ def _unstack(tree, n: int) -> list:
           for i in range(n)]
 
 
-class Features(NamedTuple):
-  """What a stage hands to the next one: its features and their per-token sums.
-
-  ``x`` is the stage input and every block output concatenated along channels, (B, N, C_low).
-  ``row_sum``/``row_sumsq`` (B, N, 1) float32 are each token's sum of x and of x^2 over those channels,
-  added up piece by piece before the concatenation: the LayerNorm of the next stage's upsampler
-  then needs no reduction over the concatenation (XLA's reduce over a 40-58-way concatenate ran
-  at ~1 TB/s: 15.8 ms of a G/2R sampling step, benchmarks/NOTES.md row 30). When they are not
-  used (training normalises x itself), XLA drops them.
-  """
-  x: Array
-  row_sum: Array
-  row_sumsq: Array
-
-  @classmethod
-  def from_pieces(cls, pieces: list[Array], stacked: bool, b: int) -> "Features":
-    """Pieces are (B, ..., d) arrays, or (L, B, ..., d) stacks when ``stacked``, in channel order."""
-    axes = (0, -1) if stacked else -1
-    total = sum(jnp.sum(p.astype(jnp.float32), axis=axes) for p in pieces)
-    total_sq = sum(jnp.sum(jnp.square(p.astype(jnp.float32)), axis=axes) for p in pieces)
-    if stacked:
-      x = _stacked_concat(pieces, b)
-    else:
-      x = jnp.concatenate(pieces, axis=-1).reshape(b, -1, len(pieces) * pieces[0].shape[-1])
-    return cls(x, total.reshape(b, -1, 1), total_sq.reshape(b, -1, 1))
-
-  def stats(self, eps: float = 1e-5) -> tuple[Array, Array]:
-    """(mean, 1/sqrt(var + eps)) per token, as :func:`layers.layer_norm_stats` of x."""
-    c = self.x.shape[-1]
-    mean = self.row_sum / c
-    var = jnp.maximum(self.row_sumsq / c - jnp.square(mean), 0.0)
-    return mean, jax.lax.rsqrt(var + eps)
-
-
-def _stacked_concat(ext: list[Array], b: int) -> Array:
-  """(L_i, B, ..., d) stacks -> (B, N, L*d) with channel index l*d + c, as torch.cat(ext, -1)."""
-  d = ext[0].shape[-1]
-  ext = jnp.concatenate(ext, axis=0)
-  ext = ext.reshape(ext.shape[0], b, -1, d)
-  return jnp.moveaxis(ext, 0, -2).reshape(b, -1, ext.shape[0] * d)
-
-
 class PixelShuffleUpsample(nnx.Module):
   """TD-LN(C_low) -> Linear(C_low -> r*r*dim) -> pixel shuffle x r -> TD-LN(dim).
 
@@ -253,35 +211,33 @@ class PixelShuffleUpsample(nnx.Module):
     self.ratio = ratio
 
   @jax.named_scope("upsample")
-  def __call__(self, feats: "Features", tau: Array, side: tuple[int, int]) -> Array:
-    """feats: the lower stage's :class:`Features`; rows [0, h*w) are its (h, w) = ``side`` grid.
+  def __call__(self, feats: Array, tau: Array, side: tuple[int, int]) -> Array:
+    """feats: (B, N, C_low) lower-stage features; rows [0, h*w) are its (h, w) = ``side`` grid.
 
     Rows past h*w (the Transformer's class token and padding) ride along through the per-token
     norm and Linear and are dropped before the shuffle.
     """
-    b = feats.x.shape[0]
+    b = feats.shape[0]
     hh, ww = side
     gamma = layers.shared_value(self.norm_in.weight(tau))
     if gamma is not None:
       h = self._folded_norm_linear(feats, gamma, layers.shared_value(self.norm_in.bias(tau)))
     else:
-      h = self.linear(self.norm_in(feats.x, tau))
+      h = self.linear(self.norm_in(feats, tau))
     h = h[:, :hh * ww].reshape(b, hh, ww, -1)
     return self.norm_out(layers.pixel_shuffle(h, self.ratio), tau)
 
-  def _folded_norm_linear(self, feats: "Features", gamma: Array, beta: Array) -> Array:
+  def _folded_norm_linear(self, x: Array, gamma: Array, beta: Array) -> Array:
     """``linear(norm_in(x))`` for a batch-shared gamma/beta, without writing the normalised x.
 
     ((x - m) * inv * g + b) @ W + c == inv * (x @ (g W) - m * 1^T(g W)) + (b @ W + c): the C_low-wide
-    input (38,400 channels for XL) is read by the GEMM only; its statistics come from the pieces
-    it was concatenated from (:meth:`Features.stats`).
+    input (38,400 channels for XL) is read once for its statistics and once by the GEMM.
     """
     dt = self.linear.dtype
     w = self.linear.kernel[...]
     # 1^T(g W) from the same (rounded) weights the GEMM uses, so the mean term cancels exactly.
     wg = (gamma[:, None] * w).astype(dt)
-    mean, inv = feats.stats()
-    x = feats.x
+    mean, inv = layers.layer_norm_stats(x)
     z = jnp.matmul(x.astype(dt), wg, preferred_element_type=jnp.float32)
     shift = beta @ w + self.linear.bias[...]
     return (inv * (z - mean * jnp.sum(wg.astype(jnp.float32), axis=0)) + shift).astype(dt)
@@ -417,7 +373,7 @@ class Stage(nnx.Module):
         h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
       with jax.named_scope("features"):
-        feats = Features.from_pieces(outs, stacked=False, b=b)
+        feats = jnp.concatenate(outs, axis=-1).reshape(b, -1, len(outs) * d)
     else:
       ext = [h[None]]
       skips = None
@@ -431,12 +387,19 @@ class Stage(nnx.Module):
                                unroll=unroll)
         ext.append(outs)
       with jax.named_scope("features"):
-        feats = Features.from_pieces(ext, stacked=True, b=b)
+        feats = self._features(ext, b, d)
     with jax.named_scope("head"):
       if self.is_transformer:
         h = h[:, :hh * ww].reshape(b, hh, ww, d)
       out = self.out_conv(self.out_norm(h, tau))
     return out, feats
+
+  def _features(self, ext, b, d):
+    """Stage input + every block output, (B, N, (n+1)*d) with channel index l*d + c."""
+    ext = jnp.concatenate(ext, axis=0)
+    ext = ext.reshape(ext.shape[0], b, -1, d)
+    # (L, B, N, d) -> (B, N, L*d): channel index = l*d + c, as torch.cat(ext, -1).
+    return jnp.moveaxis(ext, 0, -2).reshape(b, -1, ext.shape[0] * d)
 
 
 class DiMR(nnx.Module):
