@@ -37,6 +37,23 @@ def pallas_norm(x, scale, bm=None, bm_bwd=None, num_warps=8):
                                         num_warps=num_warps)
 
 
+def xla_tap(x, scale):
+  return x, xla_norm(x, scale)
+
+
+def pallas_tap(x, scale, bm_bwd=None, num_warps=8):
+  return rmsnorm_kernel.scaled_rms_norm_tap(x, scale, bm_bwd=bm_bwd, num_warps=num_warps)
+
+
+def tap_grad_fn(f):
+  """d/d(x, scale) of sum(y * g) + sum(x_out * g2) for (x_out, y) = f(x, scale): the norm of a
+  pre-norm residual block, the residual stream's gradient g2 included (what 'rmsnorm_bwd' fuses)."""
+  def loss(x, s, g, g2):
+    xo, y = f(x, s)
+    return jnp.sum((y * g).astype(jnp.float32)) + jnp.sum((xo * g2).astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 def grad_fn(f):
   """d/d(x, scale) of sum(f(x, scale) * g), g an argument."""
   return jax.jit(jax.grad(lambda x, s, g: jnp.sum((f(x, s) * g).astype(jnp.float32)),
@@ -55,6 +72,9 @@ def main():
   p.add_argument("--tune", action="store_true",
                  help="also sweep the Pallas (bm, num_warps) and the backward's bm_bwd")
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--tap", action="store_true",
+                 help="time the backward of (x, norm(x)) with the residual gradient: XLA vs the "
+                      "'rmsnorm_bwd' kernel over (bm_bwd, num_warps)")
   args = p.parse_args()
   dtype = jnp.dtype(args.dtype)
   k = jax.random.split(jax.random.key(0), 3)
@@ -63,6 +83,8 @@ def main():
   scale = 1.0 + 0.1 * jax.random.normal(k[1], (1 if args.shared else args.batch, args.dim))
   g = jax.random.normal(k[2], shape, dtype)
 
+  if args.tap:
+    return time_tap(args, x, scale, g, k)
   impls = {"xla": xla_norm}
   use_pallas = args.pallas == "on" or (args.pallas == "auto" and jax.default_backend() == "gpu")
   if use_pallas:
@@ -97,6 +119,31 @@ def main():
             f"  max|diff| {err:.3g}  dx rel {dx_err:.3g}", flush=True)
     except Exception as e:  # a launch configuration Triton rejects: report it, go on with the sweep
       print(f"{name:22s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+
+
+def time_tap(args, x, scale, g, k):
+  """fwd+bwd of the tapped norm: XLA's autodiff vs XLA forward + the Pallas backward kernel."""
+  g2 = jax.random.normal(jax.random.fold_in(k[2], 1), x.shape, x.dtype)
+  dpad = 1 << (args.dim - 1).bit_length()
+  impls = {"xla tap": xla_tap, "rmsnorm_bwd default": pallas_tap}
+  for bm in (1, 2, 4, 8, 16, 32):
+    if 512 <= bm * dpad <= 32768:
+      for nw in (1, 2, 4, 8):
+        impls[f"rmsnorm_bwd bm={bm} w={nw}"] = functools.partial(pallas_tap, bm_bwd=bm, num_warps=nw)
+  ref = tap_grad_fn(xla_tap)(x, scale, g, g2)[0].astype(jnp.float32)
+  ref_max = float(jnp.max(jnp.abs(ref)))
+  nbytes = x.size * x.dtype.itemsize
+  print(f"{jax.devices()[0].device_kind} tap x={x.shape} {x.dtype.name} scale={scale.shape} "
+        "(fwd+bwd; ideal traffic: fwd read x + write y, bwd read x, g, g2 + write dx = 6 x)")
+  for name, f in impls.items():
+    try:
+      fb = tap_grad_fn(f)
+      err = float(jnp.max(jnp.abs(fb(x, scale, g, g2)[0].astype(jnp.float32) - ref))) / ref_max
+      ms = median_ms(fb, x, scale, g, g2, steps=args.steps)
+      print(f"{name:26s} fwd+bwd {ms:7.3f} ms ({6 * nbytes / ms / 1e9:5.2f} TB/s)  dx rel {err:.3g}",
+            flush=True)
+    except Exception as e:  # a launch configuration Triton rejects: report it, go on
+      print(f"{name:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
 
 
 if __name__ == "__main__":

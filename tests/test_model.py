@@ -35,8 +35,10 @@ def test_forward_shapes_low_res_first(variant, size, shapes):
   assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
 
 
-def test_shared_and_per_sample_time_agree():
-  m = _perturb(_model())
+@pytest.mark.parametrize("scan_unroll", [None, 1])  # the Python block loop and the rolled scan
+def test_shared_and_per_sample_time_agree(scan_unroll):
+  spec = dimr_model.model_spec_from_config(dict(variant="mu/2R", num_classes=11))
+  m = _perturb(dimr_model.DiMR(spec, scan_unroll=scan_unroll, rngs=nnx.Rngs(params=0)))
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 4))
   y = jnp.array([0, 3, 10])
   shared = m(x, jnp.float32(1.5), y)  # one scalar time: norm scales folded into the GEMMs
