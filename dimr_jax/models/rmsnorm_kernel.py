@@ -65,6 +65,11 @@ Array = jax.Array
 
 EPS = 1e-8  # added to the RMS, outside the sqrt (official DiMR)
 _BLOCK_ELEMS = 8192  # default elements per (bm, dpad) tile
+# The tapped backward's defaults: 4096-element tiles, 2 warps. Fastest or near it at both XL
+# shapes on an H100 (benchmarks/rmsnorm.py --tap, results/h100_rmsnorm_tap_2026-11-25.txt):
+# (128, 264, 960) fwd+bwd 0.344 ms at the old default (8 rows, 8 warps) -> 0.277; (128, 1024, 480)
+# 0.603 -> 0.499 (XLA: 0.334 and 0.595).
+_TAP_BLOCK_ELEMS, _TAP_WARPS = 4096, 2
 # A block dimension squeezed out of the kernel's refs (the sample axis); older jax spells it None.
 _SQUEEZED = getattr(pl, "squeezed", None)
 
@@ -295,8 +300,9 @@ def _config(x: Array, bm: int | None, bm_bwd: int | None, num_warps: int, num_st
 
 @jax.named_scope("norm")
 def scaled_rms_norm_tap(x: Array, scale: Array, *, bm: int | None = None,
-                        bm_bwd: int | None = None, num_warps: int = 8, num_stages: int = 1,
-                        interpret: bool | None = None) -> tuple[Array, Array]:
+                        bm_bwd: int | None = None, num_warps: int = _TAP_WARPS,
+                        num_stages: int = 1, interpret: bool | None = None
+                        ) -> tuple[Array, Array]:
   """``(x, scaled_rms_norm_xla(x, scale))`` with the Pallas backward, for ``x + f(norm(x))``.
 
   The forward is XLA's expression (XLA fuses it with whatever produced x, typically the residual
@@ -307,9 +313,11 @@ def scaled_rms_norm_tap(x: Array, scale: Array, *, bm: int | None = None,
   gradient of that add.
 
   Arguments as :func:`scaled_rms_norm`; bm matters only as the default of bm_bwd (the forward is
-  XLA's).
+  XLA's), which here defaults to 4096 // dpad rows with 2 warps (measured, see _TAP_BLOCK_ELEMS).
   """
   _check_scale(x, scale)
+  if bm is None and bm_bwd is None:
+    bm_bwd = max(1, _TAP_BLOCK_ELEMS // pu.next_pow2(x.shape[-1]))
   cfg = _config(x, bm, bm_bwd, num_warps, num_stages, interpret)
   if x.size == 0:
     return x, jnp.zeros(x.shape, x.dtype)
@@ -317,7 +325,7 @@ def scaled_rms_norm_tap(x: Array, scale: Array, *, bm: int | None = None,
 
 
 def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None = None,
-                    bm_bwd: int | None = None, num_warps: int = 8, num_stages: int = 1,
+                    bm_bwd: int | None = None, num_warps: int | None = None, num_stages: int = 1,
                     interpret: bool | None = None) -> Array:
   """``(x_f32 / (sqrt(mean(x_f32^2, -1)) + 1e-8) * scale).astype(x.dtype)``.
 
@@ -336,13 +344,16 @@ def scaled_rms_norm(x: Array, scale: Array, *, impl: str = "xla", bm: int | None
       by XLA's sum: ~ (8 / (6 * bm_bwd)) * (dpad / d) of the backward's own traffic (read x and g,
       write dx, bf16): 18% at bm_bwd = 8 and d = 960, 4.5% at 32, so a larger backward tile may
       pay if it does not spill registers (benchmarks/rmsnorm.py --tune).
-    num_warps, num_stages: Triton launch parameters (num_stages is moot: the kernels have no loop).
+    num_warps, num_stages: Triton launch parameters (num_stages is moot: the kernels have no loop);
+      num_warps defaults to 8, or to the tap's tuned default for "pallas_bwd".
     interpret: Pallas interpret mode; default: on when the default backend is the CPU.
   """
-  kernel_kw = dict(bm=bm, bm_bwd=bm_bwd, num_warps=num_warps, num_stages=num_stages,
-                   interpret=interpret)
-  if impl == "pallas_bwd":
-    return scaled_rms_norm_tap(x, scale, **kernel_kw)[1]
+  if impl == "pallas_bwd":  # the tap's own defaults unless given
+    kw = {} if num_warps is None else {"num_warps": num_warps}
+    return scaled_rms_norm_tap(x, scale, bm=bm, bm_bwd=bm_bwd, num_stages=num_stages,
+                               interpret=interpret, **kw)[1]
+  kernel_kw = dict(bm=bm, bm_bwd=bm_bwd, num_warps=8 if num_warps is None else num_warps,
+                   num_stages=num_stages, interpret=interpret)
   _check_scale(x, scale)
   if impl == "xla":
     return scaled_rms_norm_xla(x, _bcast(scale, x))
