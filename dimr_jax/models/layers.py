@@ -298,7 +298,7 @@ class GegluMLP(nnx.Module):
 
 PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
 # 'rmsnorm_bwd': TD-RMSNorm's Pallas backward only (its forward stays on XLA, fused with the
-# residual add); not in AUTO_PALLAS_OPS until measured faster in the model on a GPU.
+# residual add); opt-in: the XL b128 train step measured slower with it (NOTES row 32).
 # 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
 # ConvNeXt stages): at K = 480 it beat cuBLAS + the GEGLU pass, at K = 960 it lost (NOTES row 26).
 GEGLU_GEMM_NARROW_BELOW = 768
