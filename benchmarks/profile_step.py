@@ -84,17 +84,12 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
-def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
-  """(module, HLO instruction) -> named-scope path, from XLA's optimized-HLO text dumps.
-
-  An instruction without metadata (some fusions) takes the first op_name inside the computation
-  it calls, else (marked '~', a guess) its first operand's.
-  """
-  out = {}
+def _hlo_modules(dump_dir: str):
+  """Yields (module, [(computation, line, instruction match)]) from XLA's optimized-HLO text dumps."""
   for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
     # module_0042.jit_train_step.sm_9.0_gpu_after_optimizations.txt -> jit_train_step
     module = os.path.basename(path).split(".")[1]
-    comp_op, instrs, comp = {}, [], None
+    lines, comp = [], None
     with open(path) as f:
       for line in f:
         c = _COMP.match(line)
@@ -102,15 +97,28 @@ def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
           comp = c.group(1)
           continue
         m = _INSTR.match(line)
-        if not m:
-          continue
-        op = _OP_NAME.search(line)
-        if op and comp is not None:
-          comp_op.setdefault(comp, op.group(1))
-        calls = _CALLS.search(line)
-        operands = re.findall(r"%([\w.\-]+)", line.split("=", 1)[1].split("metadata=")[0])
-        instrs.append((m.group(1), op.group(1) if op else None, calls.group(1) if calls else None,
-                       operands))
+        if m:
+          lines.append((comp, line, m))
+    yield module, lines
+
+
+def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
+  """(module, HLO instruction) -> named-scope path, from XLA's optimized-HLO text dumps.
+
+  An instruction without metadata (some fusions) takes the first op_name inside the computation
+  it calls, else (marked '~', a guess) its first operand's.
+  """
+  out = {}
+  for module, lines in _hlo_modules(dump_dir):
+    comp_op, instrs = {}, []
+    for comp, line, m in lines:
+      op = _OP_NAME.search(line)
+      if op and comp is not None:
+        comp_op.setdefault(comp, op.group(1))
+      calls = _CALLS.search(line)
+      operands = re.findall(r"%([\w.\-]+)", line.split("=", 1)[1].split("metadata=")[0])
+      instrs.append((m.group(1), op.group(1) if op else None, calls.group(1) if calls else None,
+                     operands))
     ops = {}
     for name, op, calls, operands in instrs:
       # No metadata anywhere (a pass-made op): take the first operand's.
@@ -133,22 +141,16 @@ def hlo_signatures(dump_dir: str) -> dict[tuple[str, str], str]:
   them: it says *what* a fusion does (its output and the operations fused into it).
   """
   out = {}
-  for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
-    module = os.path.basename(path).split(".")[1]
-    comp_ops, lines, comp = collections.defaultdict(set), [], None
-    with open(path) as f:
-      for line in f:
-        c = _COMP.match(line)
-        if c and "=" not in line.split("(")[0]:
-          comp = c.group(1)
-          continue
-        m, so = _INSTR.match(line), _SHAPE_OP.search(line)
-        if not m or not so:
-          continue
-        if comp is not None and so.group(2) not in _BORING:
-          comp_ops[comp].add(so.group(2))
-        lines.append((m.group(1), so.group(1).split("{")[0], so.group(2), _KIND.search(line),
-                      _CALLS.search(line)))
+  for module, hlo in _hlo_modules(dump_dir):
+    comp_ops, lines = collections.defaultdict(set), []
+    for comp, line, m in hlo:
+      so = _SHAPE_OP.search(line)
+      if not so:
+        continue
+      if comp is not None and so.group(2) not in _BORING:
+        comp_ops[comp].add(so.group(2))
+      lines.append((m.group(1), so.group(1).split("{")[0], so.group(2), _KIND.search(line),
+                    _CALLS.search(line)))
     for name, shape, opcode, kind, calls in lines:
       inner = sorted(comp_ops.get(calls.group(1), ())) if calls else []
       kind = f"[{kind.group(1)}]" if kind else ""
