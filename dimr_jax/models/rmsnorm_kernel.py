@@ -48,8 +48,8 @@ itself, so that a pre-norm block ``x + f(norm(x))`` hands it the residual stream
 the kernel adds that to dx in float32 before its one store (``dx = g_res + r*(g*s) - x*proj``)
 instead of XLA adding the two bf16 gradients in another pass over HBM. On its own it beats
 XLA's (fwd+bwd 0.334 -> 0.277 ms at (128, 264, 960)); in the XL/2R b128 train step it measured
-slower, 344.1 vs 374.4 img/s in one call, with the unchanged GEMM and attention kernels around it
-running 7-12% slower (benchmarks/NOTES.md row 32, cause not found): opt-in only.
+slower, 344.1 vs 374.4 img/s in one call (214.4 in another): the GEMMs around it changed and ran
+slower, not the clock (benchmarks/NOTES.md rows 32-33; cause not found): opt-in only.
 """
 from __future__ import annotations
 
