@@ -41,8 +41,10 @@ def xla_tap(x, scale):
   return x, xla_norm(x, scale)
 
 
-def pallas_tap(x, scale, bm_bwd=None, num_warps=8):
-  return rmsnorm_kernel.scaled_rms_norm_tap(x, scale, bm_bwd=bm_bwd, num_warps=num_warps)
+def pallas_tap(x, scale, bm_bwd=None, num_warps=None):
+  """The tapped norm with the kernel's own defaults where bm_bwd / num_warps are not given."""
+  kw = {} if num_warps is None else {"num_warps": num_warps}
+  return rmsnorm_kernel.scaled_rms_norm_tap(x, scale, bm_bwd=bm_bwd, **kw)
 
 
 def tap_grad_fn(f):

@@ -255,8 +255,23 @@ class Conv(nnx.Module):
     return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
 
 
-class GegluMLP(nnx.Module):
+class PreNormSubBlock(nnx.Module):
+  """A pre-norm sub-block ``f(norm(x))`` (Attention, GegluMLP): ``self.norm``, ``_body(xn, **kw)``
+  and the named scope ``_scope``; :meth:`residual` is the block's ``x + f(norm(x))``."""
+  _scope: str = ""
+
+  def residual(self, x: Array, tau: Array, **kw) -> Array:
+    """``x + self(x, tau, **kw)``, the norm tapping x (:meth:`Norm.tap`) so that its backward can
+    take the residual stream's gradient. The add is the block's (outside the sub-block's scope)."""
+    with jax.named_scope(self._scope):
+      x, xn = self.norm.tap(x, tau)
+      out = self._body(xn, **kw)
+    return x + out
+
+
+class GegluMLP(PreNormSubBlock):
   """Pre-norm GEGLU: ``w2(gelu_exact(w0(n(x))) * w1(n(x)))``, one norm shared by w0 and w1."""
+  _scope = "mlp"
 
   def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
                pallas_ops: tuple[str, ...] = ()):
@@ -271,14 +286,6 @@ class GegluMLP(nnx.Module):
   @jax.named_scope("mlp")
   def __call__(self, x: Array, tau: Array) -> Array:
     return self._body(self.norm(x, tau))
-
-  def residual(self, x: Array, tau: Array) -> Array:
-    """``x + self(x, tau)``, the norm tapping x (:meth:`Norm.tap`) so that its backward can take
-    the residual stream's gradient. The add is the block's (outside the 'mlp' scope)."""
-    with jax.named_scope("mlp"):
-      x, xn = self.norm.tap(x, tau)
-      out = self._body(xn)
-    return x + out
 
   def _body(self, xn: Array) -> Array:
     """The MLP on the normalised input."""
@@ -370,7 +377,7 @@ def attention(q: Array, k: Array, v: Array, impl: str | None, *, scale: float | 
   return o[:, :n, :, :hd]
 
 
-class Attention(nnx.Module):
+class Attention(PreNormSubBlock):
   """Pre-norm multi-head self-attention with the official fused qkv layout.
 
   ``query_key_value`` output channels are ordered [q of all heads | k of all heads | v of all heads],
@@ -382,6 +389,7 @@ class Attention(nnx.Module):
   cuDNN path the head dim is padded to a multiple of 8 in the *weights* (zero columns of the qkv
   kernel, zero rows of the projection), so no activation is ever padded or sliced.
   """
+  _scope = "attn"
 
   def __init__(self, dim: int, num_heads: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
                attention_impl: str | None = None, pallas_ops: tuple[str, ...] = ()):
@@ -395,17 +403,9 @@ class Attention(nnx.Module):
 
   @jax.named_scope("attn")
   def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    return self._body(self.norm(x, tau), seq_len)
+    return self._body(self.norm(x, tau), seq_len=seq_len)
 
-  def residual(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    """``x + self(x, tau, seq_len)``, the norm tapping x (:meth:`Norm.tap`) so that its backward
-    can take the residual stream's gradient. The add is the block's (outside the 'attn' scope)."""
-    with jax.named_scope("attn"):
-      x, xn = self.norm.tap(x, tau)
-      out = self._body(xn, seq_len)
-    return x + out
-
-  def _body(self, xn: Array, seq_len: int | None) -> Array:
+  def _body(self, xn: Array, seq_len: int | None = None) -> Array:
     """The attention on the normalised input."""
     b, n, d = xn.shape
     nh = self.num_heads
