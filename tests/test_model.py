@@ -186,6 +186,48 @@ def test_padded_transformer_tokens_change_nothing(scan_unroll):
   _assert_same_model_function(plain, padded)
 
 
+def _token_counts(model, t):
+  """Token counts of the 3-D (B, N, C) arrays in the model's jaxpr at time t."""
+  x, y = jnp.zeros((2, 32, 32, 4)), jnp.array([2, 9])
+  jaxpr = jax.make_jaxpr(lambda x: model(x, t, y))(x)
+  return {v.aval.shape[1] for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars
+          if getattr(v.aval, "ndim", 0) == 3}
+
+
+def test_shared_time_leaves_transformer_tokens_unpadded():
+  """With one time for the whole batch (the samplers) the cuDNN token padding is skipped; with
+  per-sample times it is done. Either way the function is the unpadded model's."""
+  spec = dict(variant="mu/2R", num_classes=11)
+  plain = _perturb(dimr_model.DiMR(spec, rngs=nnx.Rngs(params=0)))
+  padded = _perturb(dimr_model.DiMR(spec, rngs=nnx.Rngs(params=0)))
+  padded.stages[0].token_multiple = 8  # mu/2R at 32x32: 16*16+1 = 257 tokens -> 264
+  assert 264 in _token_counts(padded, jnp.array([0.3, -2.0]))
+  assert 264 not in _token_counts(padded, jnp.float32(0.3))
+  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
+  for t in (jnp.float32(0.3), jnp.array([0.3, 0.3])):
+    for oa, ob in zip(plain(x, t, y), padded(x, t, y)):
+      np.testing.assert_allclose(oa, ob, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_unpadded_tokens_forward_and_fallback_gradient():
+  """GPU: shared time runs cuDNN on 257 unpadded tokens; differentiating that call goes through
+  the padded fallback. Both agree with per-sample times (padded once per stage) in bf16."""
+  spec = dict(variant="mu/2R", num_classes=11)
+  model = _perturb(dimr_model.DiMR(spec, dtype=jnp.bfloat16, attention_impl="cudnn",
+                                   rngs=nnx.Rngs(params=0)))
+  assert model.stages[0].token_multiple == 8
+  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
+  shared, per_sample = jnp.float32(0.3), jnp.array([0.3, 0.3])
+  assert 264 not in _token_counts(model, shared)
+  for oa, ob in zip(model(x, shared, y), model(x, per_sample, y)):
+    np.testing.assert_allclose(oa, ob, atol=3e-2, rtol=3e-2)
+  grad = lambda t: jax.grad(lambda x: sum(jnp.sum(o ** 2) for o in model(x, t, y)))(x)  # noqa: E731
+  ga, gb = grad(shared), grad(per_sample)
+  assert bool(jnp.all(jnp.isfinite(ga)))
+  assert float(jnp.linalg.norm(ga - gb) / jnp.linalg.norm(gb)) < 2e-2
+
+
 def test_attention_head_dim_padding_and_token_mask():
   """attention(): padded query rows/keys beyond seq_len are ignored (XLA mask path)."""
   k = jax.random.split(jax.random.key(3), 3)

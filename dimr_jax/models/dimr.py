@@ -331,9 +331,13 @@ class Stage(nnx.Module):
       # [0, h*w) of every block output, as the upsampler of the next stage wants them.
       h = jnp.concatenate([h.reshape(b, hh * ww, d), cls[:, None]], axis=1)
       seq_len = hh * ww + 1
-      if self.token_multiple > 1:
-        # Padded once for the whole stack (cuDNN attention tiles 264 tokens, not 257); padded
-        # tokens are masked out as keys and dropped at the end, so they never touch real ones.
+      if self.token_multiple > 1 and tau.shape[0] > 1:
+        # Padded once for the whole stack (cuDNN's attention backward rejects 257 tokens, 264
+        # run at the same speed); padded tokens are masked out as keys and dropped at the end,
+        # so they never touch real ones. With one time for the whole batch (the samplers) the
+        # tokens stay unpadded: nothing is differentiated there, cuDNN's forward takes 257 and
+        # every per-token GEMM and pass does 2.7% less work (layers.attention pads only if such
+        # a call is differentiated after all).
         h = jnp.pad(h, [(0, 0), (0, -seq_len % self.token_multiple), (0, 0)])
 
     def block(blk, carry):

@@ -11,6 +11,7 @@ the checkpoint converter key on those names.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -367,6 +368,15 @@ def attention(q: Array, k: Array, v: Array, impl: str | None, *, scale: float | 
       return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl,
                                           mask=mask[None, None, None, :])
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+  if seq_len == n and n % ATTENTION_TOKEN_MULTIPLE and hd % 8 == 0:
+    return _cudnn_unpadded(q, k, v, scale)
+  return _cudnn_padded(q, k, v, scale, seq_len)
+
+
+def _cudnn_padded(q: Array, k: Array, v: Array, scale: float, seq_len: int) -> Array:
+  """cuDNN attention with the token count padded to ATTENTION_TOKEN_MULTIPLE (keys past seq_len
+  masked) and the head dim to a multiple of 8; output sliced back to q's shape."""
+  b, n, _, hd = q.shape
   pad_n, pad_d = -n % ATTENTION_TOKEN_MULTIPLE, -hd % 8
   if pad_n or pad_d:
     pad = [(0, 0), (0, pad_n), (0, 0), (0, pad_d)]
@@ -375,6 +385,30 @@ def attention(q: Array, k: Array, v: Array, impl: str | None, *, scale: float | 
   o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
                                    query_seq_lengths=lengths, key_value_seq_lengths=lengths)
   return o[:, :n, :, :hd]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cudnn_unpadded(q: Array, k: Array, v: Array, scale: float) -> Array:
+  """cuDNN attention on a token count its backward rejects (257), forward as it is.
+
+  Evaluated without differentiation (sampling: the model leaves the tokens unpadded when every
+  image shares one time) the forward kernel takes the 257 tokens directly. Differentiated, the
+  forward and backward run on tokens padded to a multiple of 8 (masked), which the backward
+  needs; training pads once per stage instead, so this fallback is for odd callers only.
+  """
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _cudnn_unpadded_fwd(q, k, v, scale):
+  return jax.vjp(lambda q, k, v: _cudnn_padded(q, k, v, scale, q.shape[1]), q, k, v)
+
+
+def _cudnn_unpadded_bwd(scale, pullback, g):
+  del scale
+  return pullback(g)
+
+
+_cudnn_unpadded.defvjp(_cudnn_unpadded_fwd, _cudnn_unpadded_bwd)
 
 
 class Attention(PreNormSubBlock):
