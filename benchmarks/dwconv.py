@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import dwconv_kernel, pallas_util  # noqa: E402
+from dimr_jax.models import dwconv_kernel  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py
 
 
