@@ -9,8 +9,16 @@ benchmarks/NOTES.md row 9: in the full model XLA fused the 49 slices poorly). Pr
 forward+backward (dx and dw) medians (ms) and the max difference to the depthwise result.
 
 ``--residual`` times the op the model runs, ``x + b + dwconv(x)``: XLA (cuDNN conv + fused adds)
-against the Pallas kernels of ``dimr_jax/models/dwconv_kernel.py`` (GPU only); ``--tune`` sweeps
-their tile sizes.
+against the Pallas kernels of ``dimr_jax/models/dwconv_kernel.py`` (GPU only; elsewhere only the
+XLA line), at the kernels' default tiling, forward and forward+backward with both weight gradients.
+``--tune`` sweeps their tiling instead: channel blocks 32..512 (need not divide C: the channels are
+padded), row tiles 1..8, 4 or 8 warps, column tiles ``--col_tiles`` (default: the whole width),
+leaving out tilings with more than 256 float32 accumulators per thread; it times the forward of
+each, then forward+backward (wgrad 'xla' and 'pallas') of the ``--top`` fastest. ``--layers=L``
+times L chained applications (x -> f(x)) in one jit and reports the time per application, so that
+launch overhead does not hide a fraction-of-a-millisecond kernel.
+
+    python benchmarks/dwconv.py --residual --tune --batch=250 --dim=480 --layers=10
 """
 import argparse
 
@@ -21,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import dwconv_kernel, pallas_util  # noqa: E402
+from dimr_jax.models import dwconv_kernel  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py
 
 
@@ -69,6 +77,11 @@ def main():
   p.add_argument("--shifts", action="store_true", help="also time the shifted multiply-adds")
   p.add_argument("--residual", action="store_true", help="time x + b + dwconv(x): XLA vs Pallas")
   p.add_argument("--tune", action="store_true", help="with --residual: sweep Pallas tile sizes")
+  p.add_argument("--col_tiles", default="", help="with --tune: column tiles to sweep (default: W)")
+  p.add_argument("--top", type=int, default=4,
+                 help="with --tune: time forward+backward for this many of the fastest forwards")
+  p.add_argument("--layers", type=int, default=1,
+                 help="with --residual: time L chained applications in one jit, report per one")
   args = p.parse_args()
   if args.residual:
     return residual(args)
@@ -100,6 +113,22 @@ def main():
           f"max|diff| {err:.3g}", flush=True)
 
 
+def sweep_tilings(shape, col_tiles):
+  """The --tune tilings, as the kernel will run them, leaving out those whose accumulators
+  (th * tw * bc float32 values over 32 * warps threads) are far past what registers hold."""
+  tilings, skipped = set(), 0
+  for bc in (32, 64, 128, 256, 512):
+    for th in (1, 2, 4, 8):
+      for nw in (4, 8):
+        for tw in col_tiles:
+          t = dwconv_kernel.tiling(shape, th, tw, bc, nw)
+          if t[0] * t[1] * t[2] > 256 * 32 * nw:
+            skipped += 1
+          else:
+            tilings.add(t)
+  return sorted(tilings), skipped
+
+
 def residual(args):
   """x + b + dwconv(x), the op of the ConvNeXt block: XLA's conv + adds vs the Pallas kernels."""
   dt = jnp.bfloat16
@@ -108,6 +137,7 @@ def residual(args):
   w = (0.1 * jax.random.normal(k[1], (7, 7, args.dim))).astype(dt)
   b = jax.random.normal(k[2], (args.dim,), dt)
   g = jax.random.normal(k[3], x.shape, dt)
+  n_layers = args.layers
 
   def xla(x, w, b):  # the model's XLA path (layers.Conv): bf16 conv output + bias, then x + that
     y = jax.lax.conv_general_dilated(
@@ -115,38 +145,67 @@ def residual(args):
         feature_group_count=x.shape[-1], preferred_element_type=dt)
     return x + (y + b)
 
-  def pallas(**kw):
-    return lambda x, w, b: dwconv_kernel.dwconv_residual(x, w, b, **kw)
+  def pallas(tiles=(None,) * 4, **kw):
+    th, tw, bc, nw = tiles
+    return lambda x, w, b: dwconv_kernel.dwconv_residual(
+        x, w, b, row_tile=th, col_tile=tw, channel_block=bc, num_warps=nw, **kw)
 
-  eff = lambda n, cap: pallas_util.pow2_divisor(n, cap)  # noqa: E731  (the tile actually used)
-  tiles = [(8, 32, 4)]
-  if args.tune:
-    tiles = sorted({(eff(args.side, th), eff(args.dim, bc), nw)
-                    for th in (2, 4, 8, 16) for bc in (16, 32, 64) for nw in (2, 4, 8)})
-  impls = {"xla conv+b+x": (xla, True)}
-  if jax.default_backend() == "gpu":
-    for th, bc, nw in tiles:
-      impls[f"pallas th={th} bc={bc} warps={nw}"] = (
-          pallas(row_tile=th, channel_block=bc, num_warps=nw), not args.tune)
-    for wg in ("xla", "pallas"):
-      impls[f"pallas default, wgrad={wg}"] = (pallas(wgrad=wg), True)
+  def chained(f):  # x -> f(x), L times, unrolled in one jit
+    def run(x, w, b):
+      for _ in range(n_layers):
+        x = f(x, w, b)
+      return x
+    return run
+
   ref = jax.jit(dwconv_kernel.dwconv_residual_reference)(x, w, b).astype(jnp.float32)
   moved = 2 * x.size * 2
-  print(f"{jax.devices()[0].device_kind} x + b + dwconv(x), x={x.shape} bf16 "
-        f"(ideal traffic {moved / 1e9:.3f} GB)")
-  for name, (f, with_bwd) in impls.items():
-    fwd = jax.jit(f)
+
+  def measure(name, f, fwd=True, bwd=False):
+    """Prints one line of per-application medians (ms); returns the forward's, None if it failed."""
     try:
-      err = float(jnp.max(jnp.abs(fwd(x, w, b).astype(jnp.float32) - ref)))
-      ms = median_ms(fwd, x, w, b)
-      line = f"{name:34s} fwd {ms:7.3f} ms ({moved / ms / 1e9:5.2f} TB/s)  max|diff| {err:.3g}"
-      if with_bwd:
-        bwd = jax.jit(jax.grad(lambda x, w, b, g, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32)),
-                               argnums=(0, 1, 2)))
-        line += f"  fwd+bwd {median_ms(bwd, x, w, b, g):7.3f} ms"
+      line, ms = f"{name:44s}", None
+      if fwd:
+        one = jax.jit(f)
+        err = float(jnp.max(jnp.abs(one(x, w, b).astype(jnp.float32) - ref)))
+        ms = median_ms(jax.jit(chained(f)) if n_layers > 1 else one, x, w, b) / n_layers
+        line += f" fwd {ms:7.3f} ms ({moved / ms / 1e9:5.2f} TB/s)  max|diff| {err:.3g}"
+      if bwd:
+        grad = jax.jit(jax.grad(
+            lambda x, w, b, g: jnp.sum((chained(f)(x, w, b) * g).astype(jnp.float32)),
+            argnums=(0, 1, 2)))
+        line += f"  fwd+bwd {median_ms(grad, x, w, b, g) / n_layers:7.3f} ms"
       print(line, flush=True)
+      return ms
     except Exception as e:  # a tiling Triton rejects: report and go on with the sweep
-      print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+      print(f"{name:44s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+      return None
+
+  print(f"{jax.devices()[0].device_kind} x + b + dwconv(x), x={x.shape} bf16 "
+        f"(ideal traffic {moved / 1e9:.3f} GB); per application of {n_layers} chained in one jit",
+        flush=True)
+  measure("xla conv+b+x", xla, bwd=True)
+  if jax.default_backend() != "gpu":
+    print("(Pallas kernels: GPU only)")
+    return
+
+  def label(t):
+    th, tw, bc, nw = t
+    return f"pallas th={th} tw={tw} bc={bc} warps={nw} ({th * tw * bc // (32 * nw)} acc/thr)"
+
+  default = dwconv_kernel.tiling(x.shape)
+  if not args.tune:
+    measure(label(default) + " default", pallas(default), bwd=True)
+    measure("  same, wgrad=pallas", pallas(default, wgrad="pallas"), fwd=False, bwd=True)
+    return
+  col_tiles = [int(s) for s in args.col_tiles.split(",") if s] or [args.side]
+  tilings, skipped = sweep_tilings(x.shape, col_tiles)
+  print(f"{len(tilings)} tilings (left out: {skipped} over 256 accumulators per thread); "
+        f"default {default}", flush=True)
+  fwd_ms = {t: measure(label(t), pallas(t)) for t in tilings}
+  best = sorted((ms, t) for t, ms in fwd_ms.items() if ms is not None)[:args.top]
+  for _, t in best:
+    for wg in ("xla", "pallas"):
+      measure(f"{label(t)} wgrad={wg}", pallas(t, wgrad=wg), fwd=False, bwd=True)
 
 
 if __name__ == "__main__":

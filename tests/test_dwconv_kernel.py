@@ -21,11 +21,20 @@ def _loss(fn, g):
   return lambda x, w, b: jnp.sum(fn(x, w, b).astype(jnp.float32) * g.astype(jnp.float32))
 
 
-@pytest.mark.parametrize("k,tiles", [(7, dict(row_tile=4, channel_block=8, wgrad="pallas")),
-                                     (7, dict(row_tile=2, channel_block=16, wgrad="xla")),
-                                     (3, dict(row_tile=8, channel_block=16, wgrad="pallas"))])
-def test_forward_and_gradients_match_xla_in_float32(k, tiles):
-  x, w, b, g = _inputs(jnp.float32, k=k)
+# The first three: channel blocks dividing C (no padding, no mask). The others pad C to a multiple
+# of the block and mask the last block's store: 24 channels in blocks of 16 (the second half-empty),
+# 40 in one block of 64 with column tiles, the weight-gradient kernel in blocks of 16 of those 64.
+@pytest.mark.parametrize("k,shape,tiles", [
+    (7, (2, 8, 16, 16), dict(row_tile=4, channel_block=8, wgrad="pallas")),
+    (7, (2, 8, 16, 16), dict(row_tile=2, channel_block=16, wgrad="xla")),
+    (3, (2, 8, 16, 16), dict(row_tile=8, channel_block=16, wgrad="pallas")),
+    (7, (2, 8, 8, 24), dict(row_tile=2, channel_block=16, wgrad="xla")),
+    (3, (2, 8, 8, 24), dict(row_tile=2, channel_block=16, wgrad="pallas")),
+    (3, (2, 8, 16, 40), dict(row_tile=1, col_tile=8, channel_block=64, wgrad="pallas",
+                             wgrad_channel_block=16)),
+    (3, (2, 8, 16, 40), dict(row_tile=2, col_tile=8, channel_block=64, wgrad="xla"))])
+def test_forward_and_gradients_match_xla_in_float32(k, shape, tiles):
+  x, w, b, g = _inputs(jnp.float32, shape=shape, k=k)
   ours = lambda x, w, b: dwconv_kernel.dwconv_residual(x, w, b, wgrad_row_tile=2, **tiles)  # noqa: E731
   ref = dwconv_kernel.dwconv_residual_reference
   np.testing.assert_allclose(ours(x, w, b), ref(x, w, b), atol=5e-6, rtol=1e-6)
@@ -35,9 +44,35 @@ def test_forward_and_gradients_match_xla_in_float32(k, tiles):
     np.testing.assert_allclose(a, e, atol=1e-4 * float(jnp.abs(e).max()), err_msg=name)
 
 
-def test_bfloat16_rounds_once_from_float32():
-  x, w, b, _ = _inputs(jnp.bfloat16)
-  got = dwconv_kernel.dwconv_residual(x, w, b, row_tile=4, channel_block=8).astype(jnp.float32)
+def _kernel_primitives(fn, *args):
+  """Names of the primitives inside the pallas_calls that ``fn(*args)`` traces to."""
+  def walk(jaxpr, inside):
+    for e in jaxpr.eqns:
+      if inside:
+        yield e.primitive.name
+      for v in e.params.values():
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from walk(sub, inside or e.primitive.name == "pallas_call")
+  return set(walk(jax.make_jaxpr(fn)(*args).jaxpr, False))
+
+
+@pytest.mark.parametrize("channel_block,masked", [(8, False), (16, True)])
+def test_partial_channel_block_masks_its_store(channel_block, masked):
+  """Interpret mode pads a blocked output to whole blocks, so a missing mask would pass the tests
+  above and write into the next pixel's channels on the GPU: check that the store is masked."""
+  x, w, b, _ = _inputs(jnp.float32, shape=(2, 8, 8, 24))
+  prims = _kernel_primitives(
+      lambda x, w, b: dwconv_kernel.dwconv_residual(x, w, b, channel_block=channel_block), x, w, b)
+  assert ("masked_swap" in prims) == masked and ("swap" in prims) != masked, prims
+
+
+@pytest.mark.parametrize("shape,tiles", [((2, 8, 16, 16), dict(row_tile=4, channel_block=8)),
+                                         ((2, 8, 8, 24), dict(row_tile=2, channel_block=16))])
+def test_bfloat16_rounds_once_from_float32(shape, tiles):
+  x, w, b, _ = _inputs(jnp.bfloat16, shape=shape)
+  got = dwconv_kernel.dwconv_residual(x, w, b, **tiles).astype(jnp.float32)
   exact = dwconv_kernel.dwconv_residual_reference(
       *(a.astype(jnp.float32) for a in (x, w, b)))
   # one bf16 rounding of the float32 result: relative error <= 2^-8
@@ -49,9 +84,22 @@ def test_bad_shapes_and_unsupported_tilings_are_named():
   with pytest.raises(ValueError, match="do not fit"):
     dwconv_kernel.dwconv_residual(x, w[:, :, :8], b)
   assert not dwconv_kernel.supported((2, 8, 12, 16), 7)   # width 12: not a power of two
-  assert not dwconv_kernel.supported((2, 8, 16, 12), 7)   # 12 channels: no block of >= 8
+  assert not dwconv_kernel.supported((2, 8, 16, 16), 4)   # even kernel: no centred window
+  for c in (12, 480, 576):                                # channels are padded to the block
+    assert dwconv_kernel.supported((2, 8, 16, c), 7)
   with pytest.raises(ValueError, match="no Triton tiling"):
     dwconv_kernel.dwconv_residual(jnp.zeros((1, 8, 12, 16)), w, b)
+
+
+def test_tiling_defaults_keep_the_register_budget():
+  for shape in [(250, 32, 32, 480), (128, 32, 32, 480), (64, 32, 32, 576), (2, 8, 8, 16),
+                (1, 64, 256, 1024)]:
+    th, tw, bc, nw = dwconv_kernel.tiling(shape)
+    assert th * tw * bc <= 32 * (32 * nw) and shape[1] % th == 0 and shape[2] % tw == 0, shape
+  assert dwconv_kernel.tiling((250, 32, 32, 480)) == (2, 32, 128, 8)
+  assert dwconv_kernel.tiling((2, 8, 8, 12), channel_block=4) == (4, 8, 8, 8)   # blocks >= 8
+  assert dwconv_kernel.tiling((2, 8, 8, 40), 3, 64, 100, 4) == (2, 8, 64, 4)     # rounded down
+  assert dwconv_kernel.tiling((2, 8, 8, 480), channel_block=512)[2] == 512      # need not divide
 
 
 @pytest.mark.parametrize("kind", ["convnext", "transformer"])

@@ -53,17 +53,25 @@ def dot(a: Array, b: Array) -> Array:
   return f(a, b)
 
 
+def block_mask(extent: int, block: int, shape: tuple[int, ...], dim: int,
+               grid_axis: int) -> Array | None:
+  """``shape`` mask of the elements whose index along ``dim`` exists, in this program's block
+  (number ``program_id(grid_axis)``, ``block`` wide) of an axis ``extent`` long; None when
+  ``block`` divides ``extent`` (no mask needed).
+
+  Pallas' Triton lowering does not mask a block that runs past the array's end, so the last block
+  must mask its loads and stores itself.
+  """
+  if extent % block == 0:
+    return None
+  i = pl.program_id(grid_axis) * block + lax.broadcasted_iota(jnp.int32, shape, dim)
+  return i < extent
+
+
 def row_mask(rows: int, bm: int, width: int) -> Array | None:
   """(bm, width) mask of the rows of this program's row block (grid axis 1) that exist, or None
-  when bm divides ``rows`` (no mask needed).
-
-  Pallas' Triton lowering does not mask a block that runs past the array's end, so the last row
-  block must mask its loads and stores itself.
-  """
-  if rows % bm == 0:
-    return None
-  r = pl.program_id(1) * bm + lax.broadcasted_iota(jnp.int32, (bm, width), 0)
-  return r < rows
+  when bm divides ``rows``: :func:`block_mask` along dim 0."""
+  return block_mask(rows, bm, (bm, width), 0, 1)
 
 
 def load(ref, mask: Array | None) -> Array:
