@@ -1,7 +1,6 @@
 """Official checkpoint conversion: fixture equivalence, manifest coverage, bad input, .pth reading."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
