@@ -5,11 +5,12 @@ cuDNN's depthwise convolution runs far below memory speed on an H100 (~0.9 ms pe
 DiMR-XL sampling step for a (250, 32, 32, 480) bf16 tensor that a memory-speed pass would move in
 ~0.2 ms; ~8% of the step). These kernels compute the op as k*k shifted multiply-adds in float32
 registers, reading each shifted tile through the cache, and fold the residual and the bias in.
-Measured, the first version (channel blocks dividing C) was no faster: 1.20 ms at the best tiling
-vs 1.31 ms for XLA's conv + adds on their own, slower inside the model (benchmarks/NOTES.md row
-22), so the model uses them only when asked (``model.pallas_ops='dwconv'``). The wide channel
-blocks below are its next attempt, not yet timed on a GPU; the kernels are also the starting point
-of one that reuses its input tile from shared memory.
+Measured, they are no faster than cuDNN: the first version (channel blocks dividing C) 1.20 ms at
+its best tiling vs 1.31 ms for XLA's conv + adds, slower inside the model (benchmarks/NOTES.md row
+22); the wide channel blocks below, timed with 10 chained calls per jit, 1.133 ms at the best
+tiling (th=2, bc=32, 8 warps) vs cuDNN's 1.129 at (250, 32, 32, 480), and slower the wider the
+block (NOTES row 36). So the model uses them only when asked (``model.pallas_ops='dwconv'``); they
+are kept, tested, as the starting point of a kernel that reuses its input tile from shared memory.
 
 * forward ``y = x + b + dwconv(x, w)``: one program per (image, row tile, column tile, channel
   block); the input is zero-padded once (one XLA pad) by k//2 rows and columns and, in channels, up
@@ -24,8 +25,10 @@ of one that reuses its input tile from shared memory.
 
 Wide channel blocks. The first version's channel block was a power of two dividing C: for DiMR-XL's
 C=480 at most 32 channels, 64 bytes of a pixel whose stride is 960 bytes, so every (W, bc) tile
-load touched W cache lines half used; the working hypothesis for its 1.20 ms against the 0.16 ms
-that its memory traffic needs at (250, 32, 32, 480). Padding the channels to Cp lets the block be
+load touched W cache lines half used; that was the hypothesis for its 1.20 ms against the 0.16 ms
+that its memory traffic needs at (250, 32, 32, 480), and the measurement refuted it (bc=128: 1.40-
+1.52 ms, bc=512: 5.5-6.9 ms): the per-tap shifted loads, not line use, bound the kernel. Padding
+the channels to Cp lets the block be
 any power of two >= 8 (for bc >= 64 each pixel's slice of the padded input is a whole number of
 128-byte lines). The price is (Cp - C) / C more loads, of zeros: 480 -> 512 is 7% for any bc from
 64 to 512; 576 -> 576 (bc 64), 640 (128, 11%), 768 (256, 33%) or 1024 (512, 78%).
@@ -85,19 +88,21 @@ def tiling(x_shape: tuple[int, ...], row_tile: int | None = None, col_tile: int 
 
   Given sizes are rounded down to powers of two: th and tw to ones dividing H and W, bc into
   [8, next_pow2(C)] (wider than the padded C would only add zeros); bc need not divide C. Missing
-  ones default to 8 warps, bc = 128 (at most 11% padding for C=480 or 576; 256-byte, line-aligned
-  pixel slices), tw = W, and th up to 4 while th * tw * bc / (32 * warps) stays <= 32 float32
-  accumulators per thread (tw shrinks first where even one row is over): (2, 32, 128, 8) for
-  DiMR's 32x32 ConvNeXt stages. A starting point for the GPU sweep
-  (``benchmarks/dwconv.py --residual --tune``), not a measured optimum.
+  ones default to what measured fastest on an H100 (NOTES row 36): 8 warps, bc = the largest power
+  of two <= 64 dividing C (64 if that is < 8; 32 for C=480, 64 for C=576: no padding), tw = W, and
+  th up to 2 while th * tw * bc / (32 * warps) stays <= 32 float32 accumulators per thread (tw
+  shrinks first where even one row is over): (2, 32, 32, 8) and (2, 32, 64, 8) for DiMR-XL's and
+  -G's 32x32 ConvNeXt stages (1.133 and 1.306 ms at batch 250).
   """
   _, h, w, c = x_shape
   cap = max(8, pu.next_pow2(c))
   nw = 8 if num_warps is None else num_warps
-  bc = min(cap, 128 if channel_block is None else max(8, _pow2_floor(channel_block)))
+  if channel_block is None:
+    channel_block = pu.pow2_divisor(c, 64) if pu.pow2_divisor(c, 64) >= 8 else 64
+  bc = min(cap, max(8, _pow2_floor(channel_block)))
   budget = _ACCS_PER_THREAD * 32 * nw  # accumulators per program
   tw = pu.pow2_divisor(w, max(1, budget // bc) if col_tile is None else col_tile)
-  th = pu.pow2_divisor(h, min(4, max(1, budget // (tw * bc))) if row_tile is None else row_tile)
+  th = pu.pow2_divisor(h, min(2, max(1, budget // (tw * bc))) if row_tile is None else row_tile)
   return th, tw, bc, nw
 
 
