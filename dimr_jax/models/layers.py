@@ -357,7 +357,9 @@ def attention(q: Array, k: Array, v: Array, impl: str | None, *, scale: float | 
   cuDNN's fused kernel needs head_dim % 8 == 0 (XL's is 60) and a token count it tiles, so on
   the cuDNN path q, k, v are zero-padded here where the caller has not done it already: zero
   head channels add nothing to q.k and the extra output columns are dropped; padded keys are
-  masked through ``key_value_seq_lengths``.
+  masked through ``key_value_seq_lengths``. An unpadded odd token count (seq_len == n, e.g. 257
+  in sampling) goes to the forward kernel as it is; only a differentiated call pads
+  (:func:`_cudnn_unpadded`).
   """
   b, n, _, hd = q.shape
   scale = hd ** -0.5 if scale is None else scale
