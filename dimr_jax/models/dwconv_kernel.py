@@ -8,8 +8,8 @@ registers, reading each shifted tile through the cache, and fold the residual an
 Measured, they are no faster than cuDNN: the first version (channel blocks dividing C) 1.20 ms at
 its best tiling vs 1.31 ms for XLA's conv + adds, slower inside the model (benchmarks/NOTES.md row
 22); the wide channel blocks below, timed with 10 chained calls per jit, 1.133 ms at the best
-tiling (th=2, bc=32, 8 warps) vs cuDNN's 1.129 at (250, 32, 32, 480), and slower the wider the
-block (NOTES row 36). So the model uses them only when asked (``model.pallas_ops='dwconv'``); they
+tiling timed (th=2, bc=32, 8 warps; the sweep reached row tiles 1 and 2 only) vs cuDNN's 1.129 at
+(250, 32, 32, 480), and slower the wider the block (NOTES row 36). So the model uses them only when asked (``model.pallas_ops='dwconv'``); they
 are kept, tested, as the starting point of a kernel that reuses its input tile from shared memory.
 
 * forward ``y = x + b + dwconv(x, w)``: one program per (image, row tile, column tile, channel
@@ -88,7 +88,8 @@ def tiling(x_shape: tuple[int, ...], row_tile: int | None = None, col_tile: int 
 
   Given sizes are rounded down to powers of two: th and tw to ones dividing H and W, bc into
   [8, next_pow2(C)] (wider than the padded C would only add zeros); bc need not divide C. Missing
-  ones default to what measured fastest on an H100 (NOTES row 36): 8 warps, bc = the largest power
+  ones default to what measured fastest on an H100 among the tilings timed (NOTES row 36; row
+  tiles 1 and 2): 8 warps, bc = the largest power
   of two <= 64 dividing C (64 if that is < 8; 32 for C=480, 64 for C=576: no padding), tw = W, and
   th up to 2 while th * tw * bc / (32 * warps) stays <= 32 float32 accumulators per thread (tw
   shrinks first where even one row is over): (2, 32, 32, 8) and (2, 32, 64, 8) for DiMR-XL's and

@@ -261,6 +261,11 @@ class PreNormSubBlock(nnx.Module):
   and the named scope ``_scope``; :meth:`residual` is the block's ``x + f(norm(x))``."""
   _scope: str = ""
 
+  def __call__(self, x: Array, tau: Array, **kw) -> Array:
+    """``f(norm(x))`` (the sub-block alone, without the residual add)."""
+    with jax.named_scope(self._scope):
+      return self._body(self.norm(x, tau), **kw)
+
   def residual(self, x: Array, tau: Array, **kw) -> Array:
     """``x + self(x, tau, **kw)``, the norm tapping x (:meth:`Norm.tap`) so that its backward can
     take the residual stream's gradient. The add is the block's (outside the sub-block's scope)."""
@@ -283,10 +288,6 @@ class GegluMLP(PreNormSubBlock):
     self.geglu_impl = "pallas" if "geglu" in pallas_ops else "xla"
     self.fused_gemm = "geglu_gemm" in pallas_ops or (
         "geglu_gemm_narrow" in pallas_ops and dim < GEGLU_GEMM_NARROW_BELOW)
-
-  @jax.named_scope("mlp")
-  def __call__(self, x: Array, tau: Array) -> Array:
-    return self._body(self.norm(x, tau))
 
   def _body(self, xn: Array) -> Array:
     """The MLP on the normalised input."""
@@ -436,10 +437,6 @@ class Attention(PreNormSubBlock):
     self.dense = Dense(dim, dim, dtype=dtype, rngs=rngs)
     self.num_heads = num_heads
     self.attention_impl = resolve_attention_impl(attention_impl, dtype)
-
-  @jax.named_scope("attn")
-  def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    return self._body(self.norm(x, tau), seq_len=seq_len)
 
   def _body(self, xn: Array, seq_len: int | None = None) -> Array:
     """The attention on the normalised input."""
