@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import geglu_gemm_kernel, geglu_kernel  # noqa: E402
+from dimr_jax.models import geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py  # noqa: E402
 
 
@@ -32,6 +32,14 @@ def gemm_only(x, w01, b01):
   return jnp.matmul(x, w01, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _no_gelu(f, *args):
+  saved, geglu_gemm_mgpu._gelu = geglu_gemm_mgpu._gelu, lambda v: v
+  try:
+    return f(*args)
+  finally:
+    geglu_gemm_mgpu._gelu = saved
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, default=66000)
@@ -39,6 +47,10 @@ def main():
   p.add_argument("--hidden", type=int, default=1920)
   p.add_argument("--tune", action="store_true", help="sweep (bm, bn, bk, num_warps, num_stages)")
   p.add_argument("--grad", action="store_true", help="also time forward+backward")
+  p.add_argument("--mgpu_no_gelu", action="store_true",
+                 help="also time each --mgpu tiling with the GELU left out of its epilogue")
+  p.add_argument("--mgpu", default="", help="Mosaic GPU kernel tilings to time, "
+                 "'tm,tn,tk,stages[,width[,minor_n]]' separated by ';' (geglu_gemm_mgpu.Config), or 'default'")
   args = p.parse_args()
   k = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(k[0], (args.rows, args.depth), jnp.bfloat16)
@@ -54,6 +66,16 @@ def main():
                                (128, 32, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3)]:
       impls[f"fused {bm}x{bn}x{bk} w{nw} s{ns}"] = functools.partial(
           geglu_gemm_kernel.geglu_gemm, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
+  for spec in filter(None, args.mgpu.split(";")):
+    v = [int(t) for t in spec.split(",")] if spec != "default" else []
+    cfg = geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
+                                 grid_minor_n=bool(v[5]) if len(v) > 5 else True)
+    impls[f"mgpu {cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k} s{cfg.stages} w{cfg.grid_tile_width}"
+          f"{'' if cfg.grid_minor_n else ' minor-M'}"] = functools.partial(
+              geglu_gemm_mgpu.geglu_gemm, cfg=cfg)
+  if args.mgpu_no_gelu:  # the epilogue's cost: time the same kernels with gelu = identity
+    for name in [n for n in impls if n.startswith("mgpu")]:
+      impls[name + " no-gelu"] = functools.partial(_no_gelu, impls[name])
   flops = 2.0 * args.rows * args.depth * 2 * args.hidden
   ref = jax.jit(unfused)(x, w01, b01).astype(jnp.float32)
   print(f"{jax.devices()[0].device_kind} x={x.shape} w01={w01.shape} bf16", flush=True)
@@ -64,12 +86,15 @@ def main():
       err = "n/a" if out.shape != ref.shape else f"{float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))):.3g}"
       ms = median_ms(fwd, x, w01, b01)
       line = f"{name:26s} fwd {ms:7.3f} ms ({flops / ms / 1e9:6.1f} TFLOP/s)  max|diff| {err}"
-      if args.grad and name != "gemm only":
+      if args.grad and name != "gemm only" and not name.startswith("mgpu"):
         loss = lambda x, w, b, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
         line += f"  fwd+bwd {median_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, w01, b01):7.3f} ms"
       print(line, flush=True)
     except Exception as e:  # a launch configuration Triton rejects: report it, go on
       print(f"{name:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:140]}", flush=True)
+      if os.environ.get("GEGLU_GEMM_TRACEBACK"):
+        import traceback
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

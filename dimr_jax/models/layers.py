@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimr_jax.models import dwconv_kernel, geglu_gemm_kernel, geglu_kernel, pallas_util, rmsnorm_kernel
+from dimr_jax.models import (dwconv_kernel, geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel,
+                             pallas_util, rmsnorm_kernel)
 
 Array = jax.Array
 
@@ -288,15 +289,53 @@ class GegluMLP(PreNormSubBlock):
     self.geglu_impl = "pallas" if "geglu" in pallas_ops else "xla"
     self.fused_gemm = "geglu_gemm" in pallas_ops or (
         "geglu_gemm_narrow" in pallas_ops and dim < GEGLU_GEMM_NARROW_BELOW)
+    self.mgpu_gemm = ("geglu_gemm_mgpu" in pallas_ops and geglu_gemm_mgpu.available()
+                      and geglu_gemm_mgpu.default_config(dim, hidden) is not None)
+
+  def _use_mgpu(self, tau: Array) -> bool:
+    """The Mosaic GPU kernel where it is enabled and the whole batch shares one time (the
+    samplers; forward-only use, see geglu_gemm_mgpu)."""
+    return self.mgpu_gemm and tau.shape[0] == 1 and jnp.dtype(self.w0.dtype) == jnp.bfloat16
+
+  def __call__(self, x: Array, tau: Array, **kw) -> Array:
+    if self._use_mgpu(tau):
+      with jax.named_scope(self._scope):
+        return self._mgpu_body(x, tau)
+    return super().__call__(x, tau, **kw)
+
+  def residual(self, x: Array, tau: Array, **kw) -> Array:
+    if self._use_mgpu(tau):
+      with jax.named_scope(self._scope):
+        out = self._mgpu_body(x, tau)
+      return x + out
+    return super().residual(x, tau, **kw)
+
+  def _weights01(self) -> tuple[Array, Array]:
+    # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
+    # gradient GEMM); the parameters stay separate, as in the official state dict.
+    dt = self.w0.dtype
+    k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
+    b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
+    return k01, b01
+
+  def _mgpu_body(self, x: Array, tau: Array) -> Array:
+    """norm -> GEMM + GEGLU kernel -> w2 on rows padded to a multiple of 8 (the kernel's TMA
+    descriptors need it; sampling has 250 x 257 = 64250). The pad is put *before* the norm so
+    XLA fuses it into the norm's pass (padded after it, it was a pass of its own: 3.3 ms per XL
+    sampling step), and the slice comes after w2 so it fuses into the residual add. A shared
+    time's norm scale is one (1, C) row, so the norm works on the flat padded rows."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    xp = jnp.pad(x.reshape(rows, d), ((0, -rows % 8), (0, 0)))
+    h = self.norm(xp, tau).astype(self.w0.dtype)
+    g = geglu_gemm_mgpu.geglu_gemm(h, *self._weights01(), padded_rows=True)
+    return self.w2(g)[:rows].reshape(*lead, self.w2.kernel.shape[-1])
 
   def _body(self, xn: Array) -> Array:
     """The MLP on the normalised input."""
     dt = self.w0.dtype
     h = xn.astype(dt)
-    # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
-    # gradient GEMM); the parameters stay separate, as in the official state dict.
-    k01 = jnp.concatenate([self.w0.kernel[...], self.w1.kernel[...]], axis=1).astype(dt)
-    b01 = jnp.concatenate([self.w0.bias[...], self.w1.bias[...]]).astype(dt)
+    k01, b01 = self._weights01()
     if self.fused_gemm:  # the GEGLU in the GEMM's epilogue: h01 is not written when sampling
       return self.w2(geglu_gemm_kernel.geglu_gemm(h, k01, b01))
     h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt)).astype(dt)
@@ -305,7 +344,10 @@ class GegluMLP(PreNormSubBlock):
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
+PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm",
+              "rmsnorm_bwd")
+# 'geglu_gemm_mgpu': the Mosaic GPU (Hopper) GEMM with the GEGLU in its epilogue, used only where
+# the time is batch-shared (sampling); needs an sm_90 GPU (geglu_gemm_mgpu.py).
 # 'rmsnorm_bwd': TD-RMSNorm's Pallas backward only (its forward stays on XLA, fused with the
 # residual add); opt-in: the XL b128 train step measured slower with it (NOTES row 32).
 # 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
@@ -330,6 +372,9 @@ def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
   if ops and not have_triton:
     raise ValueError(f"pallas_ops={spec!r}: this jax has no Pallas Triton backend; use "
                      "pallas_ops='' (XLA) or a jax release that still ships it")
+  if "geglu_gemm_mgpu" in ops and not geglu_gemm_mgpu.available():
+    raise ValueError(f"pallas_ops={spec!r}: 'geglu_gemm_mgpu' is a Mosaic GPU kernel for Hopper "
+                     "(sm_90) GPUs and this device is not one; leave it out of pallas_ops")
   return ops
 
 

@@ -1,0 +1,130 @@
+"""The Mosaic GPU GEMM + GEGLU kernel: its shape logic and CUDA lowering here, its numbers on a GPU.
+
+Mosaic GPU's interpreter cannot run this kernel (collective scoped allocations), so on CPU the
+kernel is lowered for CUDA (which runs Mosaic's layout inference: e.g. an ``erf`` in the epilogue
+fails there) and its numbers are checked by the GPU-only test
+(``JAX_PLATFORMS=cuda python -m pytest tests/test_geglu_gemm_mgpu.py``; needs an H100/H200).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dimr_jax.models import dimr as dimr_model
+from dimr_jax.models import geglu_gemm_mgpu as gm
+from dimr_jax.models import geglu_kernel as gk
+from dimr_jax.models import layers
+from tests.conftest import lower_for_cuda_or_skip
+
+on_hopper = pytest.mark.skipif(not gm.available(),
+                               reason="needs a Hopper GPU (run with JAX_PLATFORMS=cuda)")
+
+
+def _inputs(rows, depth, hidden, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k[0], (rows, depth), jnp.bfloat16)
+  w01 = (jax.random.normal(k[1], (depth, 2 * hidden)) / np.sqrt(depth)).astype(jnp.bfloat16)
+  b01 = (0.3 * jax.random.normal(k[2], (2 * hidden,))).astype(jnp.bfloat16)
+  g = jax.random.normal(k[3], (rows, hidden), jnp.bfloat16)
+  return x, w01, b01, g
+
+
+def _unfused(x, w01, b01):
+  """The model's GPU path (GEMM, then the GEGLU Pallas kernel): the GEMM rounded to bf16, the bias
+  added and rounded, exact GELU and product in float32, one rounding."""
+  h01 = jnp.matmul(x, w01, preferred_element_type=jnp.float32).astype(x.dtype)
+  return gk.geglu(h01, b01, impl="pallas")
+
+
+def test_gelu_epilogue_is_exact_gelu_in_float32():
+  x = np.linspace(-10.0, 10.0, 40001, dtype=np.float32)
+  want = x.astype(np.float64) * np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64)])
+  got = np.asarray(gm.gelu_epilogue(jnp.asarray(x)), np.float64)
+  assert np.max(np.abs(got - want)) < 1e-6
+  big = np.abs(want) > 1e-3
+  assert np.max(np.abs(got - want)[big] / np.abs(want[big])) < 1e-5
+
+
+def test_default_config_per_shape():
+  # XL/G Transformer and G ConvNeXt MLPs: H a multiple of 128 -> 64 x 128 per warpgroup.
+  for depth, hidden in ((960, 1920), (1152, 2304), (576, 1152)):
+    cfg = gm.default_config(depth, hidden)
+    assert (cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages) == (64, 128, 64, 3)
+  cfg = gm.default_config(480, 960)  # XL ConvNeXt: K = 480 -> 32-wide K steps, a deeper ring
+  assert (cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages) == (128, 64, 32, 6)
+  assert gm.default_config(16, 32) is None and gm.default_config(100, 1920) is None
+
+
+def test_shape_errors_name_the_problem():
+  x, w01, b01, _ = _inputs(64, 128, 128)
+  cfg = gm.Config()
+  with pytest.raises(ValueError, match="does not fit x"):
+    gm._check(x, w01[:64], b01, cfg)
+  with pytest.raises(ValueError, match="b01"):
+    gm._check(x, w01, b01[:10], cfg)
+  with pytest.raises(ValueError, match="multiple of tile_n"):
+    gm._check(x, w01[:, :96], b01[:96], cfg)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    gm._check(x[:63], w01, b01, cfg)
+  with pytest.raises(ValueError, match="bf16"):
+    gm._check(x.astype(jnp.float32), w01, b01, cfg)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the off-Hopper error")
+def test_resolve_pallas_ops_rejects_it_off_hopper():
+  with pytest.raises(ValueError, match="Hopper"):
+    layers.resolve_pallas_ops("geglu,geglu_gemm_mgpu", jnp.bfloat16)
+
+
+@pytest.mark.parametrize("lead,depth,hidden", [((2, 257), 128, 256), ((4, 64), 96, 64)])
+def test_lowers_for_cuda(lead, depth, hidden):
+  """Both tilings (64 x 128 and 128 x 64 with 32-wide K steps), rows padded 514 -> 520."""
+  x, w01, b01, _ = _inputs(int(np.prod(lead)), depth, hidden)
+  x = x.reshape(*lead, depth)
+  text = lower_for_cuda_or_skip(lambda x, w, b: gm.geglu_gemm(x, w, b), x, w01, b01)
+  assert "mosaic_gpu" in text.lower()
+
+
+@on_hopper
+@pytest.mark.parametrize("rows,depth,hidden", [(514, 128, 256), (1024, 96, 64), (4112, 960, 1920)])
+def test_gpu_matches_unfused_path_and_differentiates(rows, depth, hidden):
+  x, w01, b01, g = _inputs(rows, depth, hidden)
+  out, ref = gm.geglu_gemm(x, w01, b01), _unfused(x, w01, b01)
+  assert out.shape == (rows, hidden) and out.dtype == jnp.bfloat16
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  # the same roundings in the same order: equal but for rare one-ulp flips (summation order, the
+  # epilogue's approximate exp/rsqrt)
+  np.testing.assert_allclose(out, ref, atol=2e-2, rtol=1e-2)
+  assert np.mean(out != ref) < 0.01
+  padded = gm.geglu_gemm(x, w01, b01, padded_rows=True)
+  assert padded.shape == (-(-rows // 8) * 8, hidden)
+  np.testing.assert_array_equal(np.asarray(padded[:rows], np.float32), out)
+
+  def loss(f):
+    return lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g.astype(jnp.float32))
+  got = jax.grad(loss(gm.geglu_gemm), argnums=(0, 1, 2))(x, w01, b01)
+  want = jax.grad(loss(_unfused), argnums=(0, 1, 2))(x, w01, b01)
+  for a, e in zip(got, want):
+    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+    assert np.linalg.norm(a - e) <= 1e-2 * np.linalg.norm(e)
+
+
+@on_hopper
+def test_gpu_model_sampling_path_uses_it_and_matches():
+  """A bf16 model with 'geglu_gemm_mgpu' under one shared time (the samplers) against the same
+  model without it; per-sample times (training) take the unchanged path."""
+  spec = dict(variant="mu/2R", num_classes=11)
+  base = dimr_model.DiMR(spec, dtype=jnp.bfloat16, pallas_ops="geglu", rngs=nnx.Rngs(params=0))
+  fused = dimr_model.DiMR(spec, dtype=jnp.bfloat16, pallas_ops="geglu,geglu_gemm_mgpu",
+                          rngs=nnx.Rngs(params=0))
+  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
+  t = jnp.float32(0.3)
+  text = jax.jit(lambda x: fused(x, t, y)).lower(x).as_text()
+  assert "mosaic_gpu" in text.lower()
+  assert "mosaic_gpu" not in jax.jit(lambda x: fused(x, jnp.array([0.3, 0.5]), y)).lower(x).as_text().lower()
+  for a, b in zip(base(x, t, y), fused(x, t, y)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a)
