@@ -50,7 +50,8 @@ def main():
   p.add_argument("--mgpu_no_gelu", action="store_true",
                  help="also time each --mgpu tiling with the GELU left out of its epilogue")
   p.add_argument("--mgpu", default="", help="Mosaic GPU kernel tilings to time, "
-                 "'tm,tn,tk,stages[,width[,minor_n]]' separated by ';' (geglu_gemm_mgpu.Config), or 'default'")
+                 "'tm,tn,tk,stages[,width[,minor_n]]' separated by ';' (geglu_gemm_mgpu.Config), "
+                 "'default' (Config()) or 'auto' (default_config)")
   args = p.parse_args()
   k = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(k[0], (args.rows, args.depth), jnp.bfloat16)
@@ -67,9 +68,12 @@ def main():
       impls[f"fused {bm}x{bn}x{bk} w{nw} s{ns}"] = functools.partial(
           geglu_gemm_kernel.geglu_gemm, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
   for spec in filter(None, args.mgpu.split(";")):
-    v = [int(t) for t in spec.split(",")] if spec != "default" else []
-    cfg = geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
-                                 grid_minor_n=bool(v[5]) if len(v) > 5 else True)
+    if spec == "auto":  # the model's choice for this shape
+      cfg = geglu_gemm_mgpu.default_config(args.depth, args.hidden)
+    else:
+      v = [int(t) for t in spec.split(",")] if spec != "default" else []
+      cfg = geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
+                                   grid_minor_n=bool(v[5]) if len(v) > 5 else True)
     impls[f"mgpu {cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k} s{cfg.stages} w{cfg.grid_tile_width}"
           f"{'' if cfg.grid_minor_n else ' minor-M'}"] = functools.partial(
               geglu_gemm_mgpu.geglu_gemm, cfg=cfg)

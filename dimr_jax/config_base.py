@@ -32,7 +32,7 @@ def base(variant: str = "XL/2R", image_size: int = 32, *, dataset: str = "imagen
       remat="none",                    # 'none' | 'block' | 'dots'
       attention_impl="",               # '' = cuDNN on GPU in bf16, XLA elsewhere; or 'cudnn' | 'xla'
       scan_unroll=0,                   # block-scan unroll; 0 = auto (full on CPU/GPU, rolled on TPU)
-      pallas_ops="auto",               # Pallas kernels: 'auto' (GPU+bf16: geglu) | '' | e.g. 'geglu,rmsnorm'
+      pallas_ops="auto",               # 'auto' (GPU+bf16: geglu; Hopper: +geglu_gemm_mgpu) | '' | 'geglu,rmsnorm'
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

@@ -354,16 +354,25 @@ PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_na
 # ConvNeXt stages): at K = 480 it beat cuBLAS + the GEGLU pass, at K = 960 it lost (NOTES row 26).
 GEGLU_GEMM_NARROW_BELOW = 768
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
+# ... plus, on a Hopper GPU, the Mosaic GPU GEMM + GEGLU for sampling (NOTES row 38: XL +4.5%,
+# G +5.5% guided sampling; it adds ~80-100 s to a sampling step's compile).
+AUTO_HOPPER_OPS = ("geglu_gemm_mgpu",)
+
+
+def auto_pallas_ops() -> tuple[str, ...]:
+  """What 'auto' means on this device for a 16-bit model (see :func:`resolve_pallas_ops`)."""
+  if not (pallas_util.available() and jax.default_backend() in ("gpu", "cuda")):
+    return ()
+  return AUTO_PALLAS_OPS + (AUTO_HOPPER_OPS if geglu_gemm_mgpu.available() else ())
 
 
 def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
-  """Which ops run as Pallas kernels: 'auto' (or None) = :data:`AUTO_PALLAS_OPS` on GPU in 16-bit,
+  """Which ops run as Pallas kernels: 'auto' (or None) = :func:`auto_pallas_ops` on GPU in 16-bit,
   none elsewhere (the float32 path stays on XLA, pinned by the fixture tests); '' = none; or a comma
   list of :data:`PALLAS_OPS` (off GPU they run in Pallas' interpret mode: slow, for tests)."""
   have_triton = pallas_util.available()
   if spec is None or spec == "auto":
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
-    return AUTO_PALLAS_OPS if have_triton and on_gpu and jnp.dtype(dtype).itemsize == 2 else ()
+    return auto_pallas_ops() if jnp.dtype(dtype).itemsize == 2 else ()
   ops = tuple(sorted({o.strip() for o in spec.split(",") if o.strip()}))
   unknown = [o for o in ops if o not in PALLAS_OPS]
   if unknown:
