@@ -128,7 +128,8 @@ def build(case: str, args):
          "label": jax.device_put(rng.integers(0, 1000, gbatch).astype(np.int32), data_sh)}
     init_c = jax.jit(init, out_shardings=sh).lower(jax.random.key(0)).compile()
     step = train.build_train_step(config, gd, tx, mesh, sh, latent_moments=True)
-    step_c = step.lower(abs_state, b, key).compile()
+    with sharding.mesh_context(mesh):  # as the train loop traces it (per-device Pallas kernels)
+      step_c = step.lower(abs_state, b, key).compile()
     box = {}
 
     def run():

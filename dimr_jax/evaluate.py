@@ -50,7 +50,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dimr_jax import checkpoint as ckpt_lib
-from dimr_jax import config_utils, fid, sampling
+from dimr_jax import config_utils, fid, sampling, sharding
 from dimr_jax import vae as vae_lib
 
 __all__ = [
@@ -182,9 +182,11 @@ def generate_samples(model: Any, params: Any, labels: Any, key: jax.Array, sampl
 
   out = None
   t0 = time.perf_counter()
-  pending = launch(0)
+  with sharding.mesh_context(mesh):  # traced under the mesh: the model's kernels run per device
+    pending = launch(0)
   for i in range(num_batches):
-    nxt = launch(i + 1) if i + 1 < num_batches else None  # keep the devices busy while we copy
+    with sharding.mesh_context(mesh):
+      nxt = launch(i + 1) if i + 1 < num_batches else None  # keep the devices busy while we copy
     imgs = _to_host(pending)[:n - i * bs]
     if out is None:
       out = np.empty((n,) + imgs.shape[1:], np.uint8)

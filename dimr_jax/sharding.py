@@ -45,6 +45,15 @@ def make_mesh(mesh_config: Any, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), ("data", "fsdp"), axis_types=axis_types)
 
 
+def mesh_context(mesh: Mesh):
+  """``jax.set_mesh(mesh)`` where available (newer jax), else the Mesh context manager. Tracing
+  under it lets the model see the mesh (``layers.kernel_mesh``) and run its Pallas kernels per
+  device instead of gathered onto every device."""
+  if hasattr(jax, "set_mesh"):
+    return jax.set_mesh(mesh)
+  return mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXES))
 

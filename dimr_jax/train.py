@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
   step = start
   try:
-    with _mesh_context(mesh):
+    with sharding.mesh_context(mesh):
       for step in range(start + 1, config.total_steps + 1):
         batch = pipeline.to_global(next(data_iter), data_sh)
         state, m = step_fn(state, batch, rng)
@@ -391,13 +391,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   return state
 
 
-def _mesh_context(mesh):
-  """``jax.set_mesh`` where available (newer jax), else the Mesh context manager."""
-  if hasattr(jax, "set_mesh"):
-    return jax.set_mesh(mesh)
-  return mesh
-
-
 def _compile_only(config, step_fn, abs_state, st_sh, mesh, in_ch):
   """Lowers and compiles the step for this mesh and prints XLA's memory analysis."""
   m = config.model
@@ -407,7 +400,8 @@ def _compile_only(config, step_fn, abs_state, st_sh, mesh, in_ch):
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh)}
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, st_sh)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, jax.random.key(0)).compile()
+  with sharding.mesh_context(mesh):  # traced as the train loop traces it
+    compiled = step_fn.lower(state, batch, jax.random.key(0)).compile()
   mem = compiled.memory_analysis()
   gib = 2.0 ** 30
   print(f"[dimr_jax] compiled train step for mesh {dict(mesh.shape)}, global batch {b}, "

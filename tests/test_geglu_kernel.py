@@ -159,3 +159,38 @@ def test_lowers_to_triton_for_cuda():
 
   text = lower_for_cuda_or_skip(fwd_bwd, h01)
   assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_model_runs_the_kernel_per_device_under_a_mesh():
+  """Under ``jax.set_mesh`` (the train loop's) the GEGLU kernel runs per device in a shard_map
+  over the batch: XLA does not partition a Pallas custom call and would gather the whole batch
+  onto every device. Values and gradients equal the single-device call; the opt-in kernels fall
+  back to XLA's ops; a batch the mesh does not divide takes XLA's GEGLU."""
+  from flax import nnx
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from dimr_jax.models import layers
+  if len(jax.devices()) < 8 or not hasattr(jax, "set_mesh"):
+    pytest.skip("needs 8 (fake CPU) devices and jax.set_mesh")
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  mlp = layers.GegluMLP(16, 32, "TDRMSN", dtype=jnp.float32, rngs=nnx.Rngs(params=0),
+                        pallas_ops=("geglu", "geglu_gemm", "rmsnorm"))
+  x = jax.random.normal(jax.random.key(1), (8, 5, 16))
+  tau = jax.random.normal(jax.random.key(2), (8, 16))
+
+  def loss(m, x, tau):
+    return jnp.sum(m.residual(x, tau) ** 2)
+
+  grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  want_l, (want_gm, want_gx) = grad(mlp, x, tau)
+  xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  with jax.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda x: mlp.residual(x, tau))(xs))
+    got_l, (got_gm, got_gx) = grad(mlp, xs, tau)
+    odd = str(jax.make_jaxpr(lambda x: mlp.residual(x, tau[:6]))(x[:6]))
+  assert "shard_map" in jaxpr and jaxpr.count("pallas_call") == 1  # the GEGLU kernel only
+  assert "pallas_call" not in odd  # 6 rows over 8 devices: XLA's GEGLU
+  np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+  np.testing.assert_allclose(got_gx, want_gx, rtol=1e-4, atol=1e-6)
+  for a, e in zip(jax.tree.leaves(nnx.state(got_gm)), jax.tree.leaves(nnx.state(want_gm))):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6)

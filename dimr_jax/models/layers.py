@@ -134,12 +134,12 @@ class TDRMSNorm(Norm):
                  "pallas_bwd" if "rmsnorm_bwd" in pallas_ops else "xla")
 
   def __call__(self, x: Array, tau: Array) -> Array:
-    if self.impl == "xla":
+    if self.impl == "xla" or kernel_mesh() is not None:  # see kernel_mesh: XLA partitions these
       return _scaled_rms_norm(x, _bcast(self.scale(tau), x))
     return rmsnorm_kernel.scaled_rms_norm(x, self.scale(tau), impl=self.impl)
 
   def tap(self, x: Array, tau: Array) -> tuple[Array, Array]:
-    if self.impl == "pallas_bwd":
+    if self.impl == "pallas_bwd" and kernel_mesh() is None:
       return rmsnorm_kernel.scaled_rms_norm_tap(x, self.scale(tau))
     return super().tap(x, tau)
 
@@ -192,6 +192,32 @@ def make_norm(norm_type: str, dim: int, pallas_ops: tuple[str, ...] = ()) -> Nor
   if norm_type == "TDRMSN":
     return TDRMSNorm(dim, pallas_ops)
   return NORM_TYPES[norm_type](dim)
+
+
+def kernel_mesh() -> Any:
+  """The multi-device mesh set with ``jax.set_mesh`` while tracing (the train loop sets it), or None.
+
+  XLA does not partition Pallas kernels (they are custom calls to it): inside a sharded jit it
+  would gather their operands and run each kernel on the whole global batch on every device. So
+  under such a mesh the model runs its kernels per device (``shard_map`` over the batch axis) or
+  falls back to XLA's own ops, which XLA partitions.
+  """
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get is not None else None
+  if mesh is None or mesh.empty or mesh.size <= 1:
+    return None
+  return mesh
+
+
+def _per_device(fn, x: Array, *replicated: Array, mesh: Any) -> Array | None:
+  """``fn(x, *replicated)`` run per device with x's batch (leading) axis split over every axis of
+  ``mesh`` (as the train loop and ``evaluate`` shard the batch); None if it does not divide."""
+  if x.shape[0] % mesh.size:
+    return None
+  from jax.sharding import PartitionSpec as P
+  batch = P(tuple(mesh.axis_names))
+  return jax.shard_map(fn, mesh=mesh, in_specs=(batch,) + (P(),) * len(replicated),
+                       out_specs=batch, check_vma=False)(x, *replicated)
 
 
 def _acc(dtype) -> Any:
@@ -295,7 +321,8 @@ class GegluMLP(PreNormSubBlock):
   def _use_mgpu(self, tau: Array) -> bool:
     """The Mosaic GPU kernel where it is enabled and the whole batch shares one time (the
     samplers; forward-only use, see geglu_gemm_mgpu)."""
-    return self.mgpu_gemm and tau.shape[0] == 1 and jnp.dtype(self.w0.dtype) == jnp.bfloat16
+    return (self.mgpu_gemm and tau.shape[0] == 1 and jnp.dtype(self.w0.dtype) == jnp.bfloat16
+            and kernel_mesh() is None)  # multi-device: the per-device GEGLU kernel path below
 
   def __call__(self, x: Array, tau: Array, **kw) -> Array:
     if self._use_mgpu(tau):
@@ -336,11 +363,14 @@ class GegluMLP(PreNormSubBlock):
     dt = self.w0.dtype
     h = xn.astype(dt)
     k01, b01 = self._weights01()
-    if self.fused_gemm:  # the GEGLU in the GEMM's epilogue: h01 is not written when sampling
+    if self.fused_gemm and kernel_mesh() is None:  # the GEGLU in the GEMM's epilogue
       return self.w2(geglu_gemm_kernel.geglu_gemm(h, k01, b01))
     h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt)).astype(dt)
     # The bias goes to the GEGLU pass: XLA fuses the add into its gelu*mul fusion, the Pallas
     # kernel adds it itself (one read of the GEMM output, no separate add).
+    if self.geglu_impl == "pallas" and (mesh := kernel_mesh()) is not None:
+      g = _per_device(functools.partial(geglu_kernel.geglu, impl="pallas"), h01, b01, mesh=mesh)
+      return self.w2(g if g is not None else geglu_kernel.geglu(h01, b01, impl="xla"))
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
@@ -348,6 +378,8 @@ PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_na
               "rmsnorm_bwd")
 # 'geglu_gemm_mgpu': the Mosaic GPU (Hopper) GEMM with the GEGLU in its epilogue, used only where
 # the time is batch-shared (sampling); needs an sm_90 GPU (geglu_gemm_mgpu.py).
+# Under a multi-device mesh (kernel_mesh) only 'geglu' runs, per device; the others fall back to
+# XLA's ops (XLA would gather a custom call's operands onto every device).
 # 'rmsnorm_bwd': TD-RMSNorm's Pallas backward only (its forward stays on XLA, fused with the
 # residual add); opt-in: the XL b128 train step measured slower with it (NOTES row 32).
 # 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
@@ -541,7 +573,8 @@ class ConvNeXtBlock(nnx.Module):
   def __call__(self, x: Array, tau: Array) -> Array:
     with jax.named_scope("dwconv"):
       conv = self.block1
-      if self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0]):
+      if (self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0])
+          and kernel_mesh() is None):
         # x + b + dwconv(x) in one kernel (opt-in: it measured no faster than cuDNN in the model,
         # benchmarks/NOTES.md row 22).
         x = dwconv_kernel.dwconv_residual(x.astype(conv.dtype), conv.kernel[...][:, :, 0, :],
