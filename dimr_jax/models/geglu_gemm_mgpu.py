@@ -19,15 +19,17 @@ builds tiled TMA descriptors with 8-row tiles), so :func:`geglu_gemm` pads sampl
 M = 250 x 257 = 64250 to 64256. H must be a multiple of ``tile_n`` and K of ``tile_k``.
 
 The arithmetic is the unfused path's: float32 accumulation, the GEMM result rounded to the compute
-dtype, the bias added and rounded again, then ``gelu(f0) * f1`` in float32 (:func:`gelu_epilogue`)
-and one rounding.
+dtype, the bias added and rounded again, then ``gelu(f0) * f1`` in float32 (:func:`gelu_epilogue`,
+whose approximate exp and rsqrt flip the final bf16 rounding of under 1% of the elements) and one
+rounding.
 
 The model uses it where nothing is differentiated (``GegluMLP`` with ``pallas_ops``
 'geglu_gemm_mgpu' and a batch-shared time, i.e. the samplers). A differentiated call still works
 (custom VJP: h01 recomputed by one more GEMM, then ``geglu_kernel``'s backward), but is not what
 training should run. Needs a Hopper GPU (sm_90) and jax's Mosaic GPU backend; Mosaic GPU's
-interpreter cannot run this kernel (collective scoped allocations), so on CPU only its checks and
-its shape logic are testable.
+interpreter cannot run this kernel (collective scoped allocations), so on CPU the tests check its
+shape logic and lower it for CUDA (which runs Mosaic's layout inference); its numbers are checked
+by the GPU-only tests.
 """
 from __future__ import annotations
 
@@ -43,13 +45,14 @@ from dimr_jax.models import geglu_kernel as gk
 
 Array = jax.Array
 
+
 def gelu_epilogue(x: Array) -> Array:
   """float32 exact GELU, ``x * Phi(x)``, as the epilogue computes it: ``geglu_kernel``'s erfc fit
   (Mosaic GPU has no erf) with the reciprocal 1/y taken as rsqrt(y)^2 and the kernel compiled
-  with ``approx_math``, so exp and rsqrt are the hardware approximations (MUFU; ~2 ulp) instead
-  of an IEEE division and a software exp. The epilogue is what keeps this kernel below cuBLAS's
-  rate (it is not overlapped with the next tile's wgmma), and those two were most of its
-  instructions. Relative error of Phi ~1e-6, far below the bf16 rounding of the result."""
+  with ``approx_math``, so exp and rsqrt are single hardware instructions (MUFU; ~2 ulp) instead
+  of an IEEE division and a software exp, each a sequence of instructions; the epilogue is not
+  overlapped with the next tile's wgmma, so its length shows in the kernel's time. Relative
+  error of Phi ~1e-6, far below the bf16 rounding of the result (tests)."""
   y = 1.0 + gk._P_X * jnp.abs(x)
   r = lax.rsqrt(y)
   t = r * r
@@ -223,8 +226,11 @@ _geglu_gemm.defvjp(_fwd, _bwd)
 
 
 def default_config(depth: int, hidden: int) -> Config | None:
-  """The tiling measured fastest for this shape on an H100 (results/h100_geglu_gemm_mgpu_tune_*),
-  or None where the kernel does not apply (H not a multiple of 64, K not of 32)."""
+  """The tiling for this shape, or None where the kernel does not apply (H not a multiple of 64,
+  K not of 32). Two tilings, from the H100 sweep (results/h100_geglu_gemm_mgpu_tune_*): at the
+  XL shapes they were the fastest timed, though rankings moved by ~5% between machines; at G's
+  shapes only the N-minor walk of the 64 x 128 tiling was timed (1.408 / 1.636 ms against
+  1.712 / 2.112 unfused). A 4-wide grid walk measured slower in the model (NOTES row 39)."""
   if hidden % 64 or depth % 32:
     return None
   tk = 64 if depth % 64 == 0 else 32

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from dimr_jax.models import (dwconv_kernel, geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel,
                              pallas_util, rmsnorm_kernel)
@@ -214,7 +215,6 @@ def _per_device(fn, x: Array, *replicated: Array, mesh: Any) -> Array | None:
   ``mesh`` (as the train loop and ``evaluate`` shard the batch); None if it does not divide."""
   if x.shape[0] % mesh.size:
     return None
-  from jax.sharding import PartitionSpec as P
   batch = P(tuple(mesh.axis_names))
   return jax.shard_map(fn, mesh=mesh, in_specs=(batch,) + (P(),) * len(replicated),
                        out_specs=batch, check_vma=False)(x, *replicated)
@@ -348,9 +348,10 @@ class GegluMLP(PreNormSubBlock):
   def _mgpu_body(self, x: Array, tau: Array) -> Array:
     """norm -> GEMM + GEGLU kernel -> w2 on rows padded to a multiple of 8 (the kernel's TMA
     descriptors need it; sampling has 250 x 257 = 64250). The pad is put *before* the norm so
-    XLA fuses it into the norm's pass (padded after it, it was a pass of its own: 3.3 ms per XL
-    sampling step), and the slice comes after w2 so it fuses into the residual add. A shared
-    time's norm scale is one (1, C) row, so the norm works on the flat padded rows."""
+    XLA can fuse it into the norm's pass (padded after the norm, it was a pass of its own: 3.3 ms
+    per XL sampling step; not re-profiled since), and the slice comes after w2 so that it can
+    fuse into the residual add instead of copying the wide hidden activation. A shared time's
+    norm scale is one (1, C) row, so the norm works on the flat padded rows."""
     lead, d = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     xp = jnp.pad(x.reshape(rows, d), ((0, -rows % 8), (0, 0)))
