@@ -1,13 +1,17 @@
-"""The GEGLU MLP's first half on its own: cuBLAS GEMM + GEGLU pass vs the fused Pallas GEMM.
+"""The GEGLU MLP's first half on its own: cuBLAS GEMM + GEGLU pass vs the fused GEMM kernels.
 
     python benchmarks/geglu_gemm.py --rows=66000 --depth=960 --hidden=1920 --tune
+    python benchmarks/geglu_gemm.py --rows=64256 --depth=960 --hidden=1920 --mgpu="auto;64,128,64,3,8,0"
 
-Shapes of DiMR-XL/2R: Transformer MLP (B*264, 960) -> 2x1920, ConvNeXt MLP (B*1024, 480) -> 2x960
+Shapes of DiMR-XL/2R: Transformer MLP (B*264, 960) -> 2x1920 (B*257 = 64250 rows when sampling,
+padded to 64256 for the Mosaic kernel), ConvNeXt MLP (B*1024, 480) -> 2x960
 (B = 250 for a guided sampling step of 125 images, 64 for a training step). Prints, per variant,
 the forward median (ms) and its rate in TFLOP/s of the GEMM, max|diff| against the unfused path,
 and (``--grad``) forward+backward. Variants: ``unfused`` is the model's path (cuBLAS ``x @ w01``
 in bf16, then the GEGLU kernel with the bias); ``gemm only`` is the bare cuBLAS GEMM (what the
-fused kernel must reach); ``fused ...`` are launch configurations of ``geglu_gemm_kernel``.
+fused kernel must reach); ``fused ...`` are launch configurations of ``geglu_gemm_kernel``
+(Triton); ``mgpu ...`` are tilings of the Mosaic GPU kernel ``geglu_gemm_mgpu`` (Hopper only,
+forward only; ``--mgpu_no_gelu`` also times them with the GELU left out of the epilogue).
 """
 import argparse
 import functools
