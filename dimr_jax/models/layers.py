@@ -388,7 +388,7 @@ PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_na
 GEGLU_GEMM_NARROW_BELOW = 768
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 # ... plus, on a Hopper GPU, the Mosaic GPU GEMM + GEGLU for sampling (NOTES row 38: XL +4.5%,
-# G +5.5% guided sampling; it adds ~80-100 s to a sampling step's compile).
+# G +5.5% guided sampling; it adds ~80-120 s to a sampling step's compile).
 AUTO_HOPPER_OPS = ("geglu_gemm_mgpu",)
 
 
