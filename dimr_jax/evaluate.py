@@ -184,18 +184,17 @@ def generate_samples(model: Any, params: Any, labels: Any, key: jax.Array, sampl
   t0 = time.perf_counter()
   with sharding.mesh_context(mesh):  # traced under the mesh: the model's kernels run per device
     pending = launch(0)
-  for i in range(num_batches):
-    with sharding.mesh_context(mesh):
+    for i in range(num_batches):
       nxt = launch(i + 1) if i + 1 < num_batches else None  # keep the devices busy while we copy
-    imgs = _to_host(pending)[:n - i * bs]
-    if out is None:
-      out = np.empty((n,) + imgs.shape[1:], np.uint8)
-    out[i * bs:i * bs + len(imgs)] = imgs
-    pending = nxt
-    done = min((i + 1) * bs, n)
-    elapsed = time.perf_counter() - t0
-    eta = elapsed / done * (n - done)
-    log(f"sampled {done}/{n} ({done / elapsed:.1f} img/s, ETA {eta / 60:.1f} min)")
+      imgs = _to_host(pending)[:n - i * bs]
+      if out is None:
+        out = np.empty((n,) + imgs.shape[1:], np.uint8)
+      out[i * bs:i * bs + len(imgs)] = imgs
+      pending = nxt
+      done = min((i + 1) * bs, n)
+      elapsed = time.perf_counter() - t0
+      eta = elapsed / done * (n - done)
+      log(f"sampled {done}/{n} ({done / elapsed:.1f} img/s, ETA {eta / 60:.1f} min)")
   return out
 
 

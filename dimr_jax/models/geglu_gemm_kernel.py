@@ -110,12 +110,7 @@ def _fwd(x, w01, b01, cfg):
 
 
 def _bwd(cfg, res, g):
-  x, w01, b01, h01 = res
-  dh01, db = gk.geglu_backward(h01, b01, g, interpret=cfg.interpret)
-  acc = jnp.float32
-  dx = jnp.matmul(dh01, w01.T, preferred_element_type=acc).astype(x.dtype)
-  dw = jnp.matmul(x.T, dh01, preferred_element_type=acc).astype(w01.dtype)
-  return dx, dw, db.astype(b01.dtype)
+  return gk.geglu_gemm_backward(*res, g, interpret=cfg.interpret)
 
 
 _geglu_gemm.defvjp(_fwd, _bwd)

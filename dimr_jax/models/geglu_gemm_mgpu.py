@@ -214,12 +214,8 @@ def _bwd(cfg, res, g):
   differentiated; training keeps the GEMM + GEGLU-kernel path)."""
   del cfg
   x, w01, b01 = res
-  acc = jnp.float32
-  h01 = jnp.matmul(x, w01, preferred_element_type=acc).astype(x.dtype)
-  dh01, db = gk.geglu_backward(h01, b01, g)
-  dx = jnp.matmul(dh01, w01.T, preferred_element_type=acc).astype(x.dtype)
-  dw = jnp.matmul(x.T, dh01, preferred_element_type=acc).astype(w01.dtype)
-  return dx, dw, db.astype(b01.dtype)
+  h01 = jnp.matmul(x, w01, preferred_element_type=jnp.float32).astype(x.dtype)
+  return gk.geglu_gemm_backward(x, w01, b01, h01, g)
 
 
 _geglu_gemm.defvjp(_fwd, _bwd)
@@ -252,8 +248,9 @@ def geglu_gemm(x: Array, w01: Array, b01: Array, cfg: Config | None = None, *,
     b01: (2H,) their biases (cast to x's dtype).
     cfg: tiling (see :class:`Config`); default :func:`default_config`.
     padded_rows: the kernel's TMA descriptors need a row count that is a multiple of 8 (a tiled
-      copy), so x's M = prod(leading dims) rows are zero-padded up to one (sampling's 250 x 257 =
-      64250 -> 64256; XLA fuses the pad into x's producer). With ``padded_rows=True`` the result
+      copy), so x's M = prod(leading dims) rows are zero-padded up to one here (sampling's
+      250 x 257 = 64250 -> 64256; ``GegluMLP`` pads before its norm instead, so that XLA can fuse
+      the pad there, and passes rows already padded). With ``padded_rows=True`` the result
       is returned as those (M8, H) rows, for a caller whose next GEMM can take them and slice
       after it (a slice here would copy the whole (M, H) output); otherwise it is sliced back to
       (..., H).

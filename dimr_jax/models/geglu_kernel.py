@@ -290,3 +290,15 @@ def geglu_backward(h01: Array, b01: Array, g: Array, *,
   rows, hidden = h01.shape[0], h01.shape[1] // 2
   cfg = _config(rows, hidden, None, 256, 8, 1, interpret)
   return _bwd_call(h01, b01.astype(h01.dtype), g, cfg)
+
+
+def geglu_gemm_backward(x: Array, w01: Array, b01: Array, h01: Array, g: Array, *,
+                        interpret: bool | None = None) -> tuple[Array, Array, Array]:
+  """(dx, dw01, db01) of ``geglu(x @ w01 + b01)`` from the GEMM's (M, 2H) output ``h01`` (without
+  the bias) and the cotangent ``g``: :func:`geglu_backward`, then the two GEMMs. The backward of
+  the kernels that fuse the GEMM with the GEGLU (``geglu_gemm_kernel``, ``geglu_gemm_mgpu``)."""
+  dh01, db = geglu_backward(h01, b01, g, interpret=interpret)
+  acc = jnp.float32
+  dx = jnp.matmul(dh01, w01.T, preferred_element_type=acc).astype(x.dtype)
+  dw = jnp.matmul(x.T, dh01, preferred_element_type=acc).astype(w01.dtype)
+  return dx, dw, db.astype(b01.dtype)
