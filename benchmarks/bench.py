@@ -73,6 +73,29 @@ def mesh_config(ndev: int, mode: str) -> dict:
   return {"data": ndev, "fsdp": 1} if mode == "dp" else {"data": 1, "fsdp": ndev}
 
 
+def mgpu_fields(spec: str) -> dict[int, dict[str, int]]:
+  """'K:field=v,field=v;K:...' -> {K: {field: v}}: fields of the Mosaic GEMM + GEGLU kernel's
+  Config to replace, per contraction depth K (960 / 480: XL's Transformer / ConvNeXt MLPs,
+  1152 / 576: G's), so a kernel variant can be A/B'd in the model without changing its default."""
+  out = {}
+  for part in filter(None, spec.split(";")):
+    k, _, fields = part.partition(":")
+    out[int(k)] = {f: int(v) for f, v in (kv.split("=") for kv in fields.split(","))}
+  return out
+
+
+def _patch_mgpu_default(spec: str):
+  import dataclasses
+  sys.path.insert(0, REPO)
+  from dimr_jax.models import geglu_gemm_mgpu
+  fields, default = mgpu_fields(spec), geglu_gemm_mgpu.default_config
+
+  def patched(depth, hidden):
+    cfg = default(depth, hidden)
+    return cfg if cfg is None or depth not in fields else dataclasses.replace(cfg, **fields[depth])
+  geglu_gemm_mgpu.default_config = patched
+
+
 def build(case: str, args):
   """Compiles one case without allocating its state.
 
@@ -89,6 +112,9 @@ def build(case: str, args):
   from dimr_jax import config_utils, sampling, sharding, train
   from dimr_jax.tools import summary
 
+  fields = getattr(args, "mgpu_fields", "")  # profile_step.py's arguments may lack it
+  if fields:
+    _patch_mgpu_default(fields)
   c = parse_case(case)
   model_name, kind, batch, remat, ndev = c["model"], c["kind"], c["batch"], c["remat"], c["num_devices"]
   if jax.device_count() < ndev:
@@ -108,7 +134,7 @@ def build(case: str, args):
          "dtype": args.dtype, "remat": remat, "num_devices": ndev, "mode": c["mode"],
          "mesh": dict(mesh.shape), "device": devices[0].device_kind, "jax": jax.__version__,
          "attention_impl": args.attention_impl or "auto", "scan_unroll": unroll,
-         "pallas_ops": args.pallas_ops,
+         "pallas_ops": args.pallas_ops, "mgpu_fields": fields,
          "env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "NCCL_"))}}
   m = config.model
   t0 = time.perf_counter()
@@ -209,7 +235,8 @@ class _Case:
     cmd = [sys.executable, os.path.abspath(__file__), f"--one={case}", f"--steps={args.steps}",
            f"--dtype={args.dtype}", f"--peak_tflops={args.peak_tflops}",
            f"--attention_impl={args.attention_impl}", f"--scan_unroll={args.scan_unroll}",
-           f"--pallas_ops={args.pallas_ops}", f"--cache_dir={cache_dir}"]
+           f"--pallas_ops={args.pallas_ops}", f"--cache_dir={cache_dir}",
+           f"--mgpu_fields={args.mgpu_fields}"]
     env = dict(os.environ)
     # JAX preallocates 75% of GPU memory by default; benchmarks may use nearly all of it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -289,6 +316,9 @@ def main(argv=None) -> int:
   p.add_argument("--attention_impl", default="")
   p.add_argument("--scan_unroll", type=int, default=0)
   p.add_argument("--pallas_ops", default="auto", help="model.pallas_ops: 'auto', '' or e.g. 'dwconv'")
+  p.add_argument("--mgpu_fields", default="",
+                 help="A/B a variant of the Mosaic GEMM + GEGLU kernel: 'K:field=v,...;K:...' "
+                 "replaces those geglu_gemm_mgpu.Config fields of its default tiling at depth K")
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="peak bf16 TFLOP/s for MFU (the H100 here measured 798 on a dense bf16 GEMM)")
   p.add_argument("--out", default="")

@@ -80,6 +80,8 @@ def main():
   p.add_argument("--col_tiles", default="", help="with --tune: column tiles to sweep (default: W)")
   p.add_argument("--top", type=int, default=4,
                  help="with --tune: time forward+backward for this many of the fastest forwards")
+  p.add_argument("--conv_dtypes", default="",
+                 help="with --residual: also time the conv with operands cast to these dtypes")
   p.add_argument("--layers", type=int, default=1,
                  help="with --residual: time L chained applications in one jit, report per one")
   args = p.parse_args()
@@ -184,6 +186,16 @@ def residual(args):
         f"(ideal traffic {moved / 1e9:.3f} GB); per application of {n_layers} chained in one jit",
         flush=True)
   measure("xla conv+b+x", xla, bwd=True)
+  for name in filter(None, args.conv_dtypes.split(",")):  # cuDNN's kernel for other dtypes
+    cdt = jnp.dtype(name)
+
+    def xla_in(x, w, b, cdt=cdt):  # the conv's operands cast (in the model: by the op before)
+      y = jax.lax.conv_general_dilated(
+          x.astype(cdt), w.astype(cdt)[:, :, None, :], (1, 1), [(3, 3)] * 2,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+          preferred_element_type=cdt)
+      return x + (y.astype(dt) + b)
+    measure(f"xla conv({name})+b+x", xla_in)
   if jax.default_backend() != "gpu":
     print("(Pallas kernels: GPU only)")
     return

@@ -16,6 +16,7 @@ forward only; ``--mgpu_no_gelu`` also times them with the GELU left out of the e
 import argparse
 import functools
 import os
+import statistics
 import sys
 
 import jax
@@ -44,6 +45,32 @@ def _no_gelu(f, *args):
     geglu_gemm_mgpu._gelu = saved
 
 
+def cupti_ms(f, *args, steps=20):
+  """Median GPU time (ms) of the kernels ``f`` launches, from CUPTI (Mosaic GPU's profiler): no
+  dispatch or synchronisation overhead, which is ~0.1-0.3 ms of the wall-clock time per call."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, runtimes = profiler.measure(f, iterations=steps)(*args)
+  return statistics.median(runtimes)
+
+
+def parse_mgpu(spec, depth, hidden):
+  """'tm,tn,tk,stages[,width[,minor_n]][,key=value...]' -> Config ('default' = Config(),
+  'auto,key=value' = default_config with those fields replaced); keys are Config's other fields
+  (delay_release, chain_tiles, epi_chunks, out_slots, cluster_m)."""
+  import dataclasses
+  toks = spec.split(",")
+  kw = {k: int(v) for k, v in (t.split("=") for t in toks if "=" in t)}
+  pos = [t for t in toks if "=" not in t]
+  if pos == ["default"]:
+    return geglu_gemm_mgpu.Config(**kw)
+  if pos == ["auto"]:
+    return dataclasses.replace(geglu_gemm_mgpu.default_config(depth, hidden), **kw)
+  v = [int(t) for t in pos]
+  return geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
+                                grid_minor_n=bool(v[5]) if len(v) > 5 else True, **kw)
+
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, default=66000)
@@ -54,8 +81,13 @@ def main():
   p.add_argument("--mgpu_no_gelu", action="store_true",
                  help="also time each --mgpu tiling with the GELU left out of its epilogue")
   p.add_argument("--mgpu", default="", help="Mosaic GPU kernel tilings to time, "
-                 "'tm,tn,tk,stages[,width[,minor_n]]' separated by ';' (geglu_gemm_mgpu.Config), "
-                 "'default' (Config()) or 'auto' (default_config)")
+                 "'tm,tn,tk,stages[,width[,minor_n]][,field=value...]' separated by ';' "
+                 "(geglu_gemm_mgpu.Config), 'default' (Config()) or 'auto[,field=value...]' "
+                 "(default_config)")
+  p.add_argument("--cupti", action="store_true",
+                 help="time the kernels on the GPU (CUPTI) instead of synchronised wall-clock calls")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="time every variant this many times, round-robin; report the median")
   args = p.parse_args()
   k = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(k[0], (args.rows, args.depth), jnp.bfloat16)
@@ -72,38 +104,48 @@ def main():
       impls[f"fused {bm}x{bn}x{bk} w{nw} s{ns}"] = functools.partial(
           geglu_gemm_kernel.geglu_gemm, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
   for spec in filter(None, args.mgpu.split(";")):
-    if spec == "auto":  # the model's choice for this shape
-      cfg = geglu_gemm_mgpu.default_config(args.depth, args.hidden)
-    else:
-      v = [int(t) for t in spec.split(",")] if spec != "default" else []
-      cfg = geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
-                                   grid_minor_n=bool(v[5]) if len(v) > 5 else True)
+    cfg = parse_mgpu(spec, args.depth, args.hidden)  # 'auto': the model's choice for this shape
     impls[f"mgpu {cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k} s{cfg.stages} w{cfg.grid_tile_width}"
-          f"{'' if cfg.grid_minor_n else ' minor-M'}"] = functools.partial(
+          f"{'' if cfg.grid_minor_n else ' minor-M'}"
+          f"{f' dr{cfg.delay_release}' if cfg.delay_release else ''}"
+          f"{' chain' if cfg.chain_tiles else ''}"
+          f"{f' epi{cfg.epi_chunks}' if cfg.epi_chunks > 1 else ''}"
+          f"{' cluster-M' if cfg.cluster_m else ''}"] = functools.partial(
               geglu_gemm_mgpu.geglu_gemm, cfg=cfg)
   if args.mgpu_no_gelu:  # the epilogue's cost: time the same kernels with gelu = identity
     for name in [n for n in impls if n.startswith("mgpu")]:
       impls[name + " no-gelu"] = functools.partial(_no_gelu, impls[name])
   flops = 2.0 * args.rows * args.depth * 2 * args.hidden
   ref = jax.jit(unfused)(x, w01, b01).astype(jnp.float32)
-  print(f"{jax.devices()[0].device_kind} x={x.shape} w01={w01.shape} bf16", flush=True)
+  print(f"{jax.devices()[0].device_kind} x={x.shape} w01={w01.shape} bf16"
+        f"{f', {args.rounds} rounds' if args.rounds > 1 else ''}", flush=True)
+  compiled, times = {}, {}
   for name, f in impls.items():
     fwd = jax.jit(f)
     try:
       out = fwd(x, w01, b01)
       err = "n/a" if out.shape != ref.shape else f"{float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))):.3g}"
-      ms = median_ms(fwd, x, w01, b01)
-      line = f"{name:26s} fwd {ms:7.3f} ms ({flops / ms / 1e9:6.1f} TFLOP/s)  max|diff| {err}"
-      if args.grad and name != "gemm only" and not name.startswith("mgpu"):
-        loss = lambda x, w, b, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
-        line += f"  fwd+bwd {median_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, w01, b01):7.3f} ms"
-      print(line, flush=True)
+      compiled[name], times[name] = (fwd, err, f), []
     except Exception as e:  # a launch configuration Triton rejects: report it, go on
       print(f"{name:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:140]}", flush=True)
       if os.environ.get("GEGLU_GEMM_TRACEBACK"):
         import traceback
         traceback.print_exc()
-
+  # round-robin: every variant is timed once per round, so a drift of the clock under sustained
+  # load (or a neighbour's noise) reaches all of them alike instead of the last ones in the list
+  timer = cupti_ms if args.cupti else median_ms
+  for _ in range(args.rounds):
+    for name, (fwd, _, _) in compiled.items():
+      times[name].append(timer(fwd, x, w01, b01))
+  for name, (fwd, err, f) in compiled.items():
+    ms = statistics.median(times[name])
+    spread = f" (rounds {min(times[name]):.3f}-{max(times[name]):.3f})" if args.rounds > 1 else ""
+    line = (f"{name:26s} fwd {ms:7.3f} ms ({flops / ms / 1e9:6.1f} TFLOP/s){spread}"
+            f"  max|diff| {err}")
+    if args.grad and name != "gemm only" and not name.startswith("mgpu"):
+      loss = lambda x, w, b, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
+      line += f"  fwd+bwd {median_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, w01, b01):7.3f} ms"
+    print(line, flush=True)
 
 if __name__ == "__main__":
   main()

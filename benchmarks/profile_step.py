@@ -182,6 +182,7 @@ def main(argv=None) -> int:
   p.add_argument("--attention_impl", default="")
   p.add_argument("--scan_unroll", type=int, default=0)
   p.add_argument("--pallas_ops", default="auto", help="model.pallas_ops, as in bench.py")
+  p.add_argument("--mgpu_fields", default="", help="as in bench.py")
   p.add_argument("--trace_dir", default="")
   p.add_argument("--by_source", type=int, default=40,
                  help="also dump the optimized HLO and print the top N named scopes by time "

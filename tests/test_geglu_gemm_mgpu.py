@@ -5,6 +5,7 @@ kernel is lowered for CUDA (which runs Mosaic's layout inference: e.g. an ``erf`
 fails there) and its numbers are checked by the GPU-only test
 (``JAX_PLATFORMS=cuda python -m pytest tests/test_geglu_gemm_mgpu.py``; needs an H100/H200).
 """
+import dataclasses
 import math
 
 import jax
@@ -88,6 +89,40 @@ def test_lowers_for_cuda(lead, depth, hidden):
   assert "mosaic_gpu" in text.lower()
 
 
+# the schedule variants of the kernel (NOTES rows 40-41): none changes the arithmetic
+VARIANTS = [dict(delay_release=1), dict(chain_tiles=True), dict(epi_chunks=2, out_slots=1),
+            dict(epi_chunks=2), dict(cluster_m=True), dict(cluster_m=True, chain_tiles=True)]
+
+
+@pytest.mark.parametrize("fields", VARIANTS, ids=str)
+def test_variants_lower_for_cuda(fields):
+  x, w01, b01, _ = _inputs(4112, 960, 1920)
+  cfg = dataclasses.replace(gm.default_config(960, 1920), **fields)
+  text = lower_for_cuda_or_skip(lambda x, w, b: gm.geglu_gemm(x, w, b, cfg), x, w01, b01)
+  assert "mosaic_gpu" in text.lower()
+
+
+def test_variant_errors_name_the_problem():
+  x, w01, b01, _ = _inputs(64, 128, 128)
+  with pytest.raises(ValueError, match="epi_chunks"):
+    gm._check(x, w01, b01, gm.Config(tile_n=64, epi_chunks=2))
+  with pytest.raises(ValueError, match="delay_release"):
+    gm._check(x, w01, b01, gm.Config(stages=2, delay_release=2))
+
+
+@on_hopper
+@pytest.mark.parametrize("fields", VARIANTS, ids=str)
+def test_gpu_variants_equal_the_default_schedule(fields):
+  """Bit-equal to the default schedule: the same K order per tile and the same epilogue. 4112 rows
+  give every SM >= 2 tiles (chained pipelines) and an odd number of 256-row tiles (the cluster's
+  second CTA past the end)."""
+  x, w01, b01, _ = _inputs(4112, 960, 1920)
+  base = gm.default_config(960, 1920)
+  want = np.asarray(gm.geglu_gemm(x, w01, b01, base), np.float32)
+  got = np.asarray(gm.geglu_gemm(x, w01, b01, dataclasses.replace(base, **fields)), np.float32)
+  np.testing.assert_array_equal(got, want)
+
+
 @on_hopper
 @pytest.mark.parametrize("rows,depth,hidden", [(514, 128, 256), (1024, 96, 64), (4112, 960, 1920)])
 def test_gpu_matches_unfused_path_and_differentiates(rows, depth, hidden):
@@ -128,3 +163,36 @@ def test_gpu_model_sampling_path_uses_it_and_matches():
   for a, b in zip(base(x, t, y), fused(x, t, y)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a)
+
+
+@pytest.mark.parametrize("scan_unroll", [None, 1], ids=["python-loop", "rolled-scan"])
+def test_transformer_stage_hands_the_mlps_flat_padded_rows(monkeypatch, scan_unroll):
+  """Where the kernel runs (here faked by the XLA arithmetic, in float32), a Transformer stage
+  pads its B*N tokens once into flat rows (Stage.flat_rows) instead of once per MLP; the model's
+  outputs equal the unpadded path's, and every kernel call sees rows it takes (no pad of its own)."""
+  calls = []
+
+  def fake_kernel(x, w01, b01, cfg=None, *, padded_rows=False):
+    calls.append(x.shape)
+    assert padded_rows and x.shape[0] % gm.ROW_MULTIPLE == 0
+    h0, h1 = jnp.split(x @ w01.astype(x.dtype) + b01.astype(x.dtype), 2, axis=-1)
+    return jax.nn.gelu(h0, approximate=False) * h1
+
+  spec = dict(variant="mu/2R", num_classes=11)
+  model = dimr_model.DiMR(spec, scan_unroll=scan_unroll, rngs=nnx.Rngs(params=0))
+  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
+  t = jnp.float32(0.3)
+  want = model(x, t, y)
+  monkeypatch.setattr(gm, "geglu_gemm", fake_kernel)
+  monkeypatch.setattr(layers.GegluMLP, "_use_mgpu", lambda self, tau: tau.shape[0] == 1)
+  stage = next(s for s in model.stages if s.is_transformer)
+  tokens = stage.flat_rows(jnp.zeros((2, 65, 8)), jnp.zeros((1,)))
+  assert tokens == (2, 65)  # 130 rows: not a multiple of 8
+  got = model(x, t, y)
+  assert len(calls) > 0 and all(c[0] % gm.ROW_MULTIPLE == 0 for c in calls)
+  n = stage.max_height * stage.max_width + 1
+  assert (-(-2 * n // 8) * 8, stage.pos_emb.shape[-1]) in calls  # the stage's padded rows
+  for a, b in zip(want, got):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  # per-sample times (training) keep the (B, N, C) path
+  assert stage.flat_rows(jnp.zeros((2, 65, 8)), jnp.zeros((2,))) is None

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimr_jax.models import layers
+from dimr_jax.models import geglu_gemm_mgpu, layers
 
 Array = jax.Array
 
@@ -340,8 +340,15 @@ class Stage(nnx.Module):
         # a call is differentiated after all).
         h = jnp.pad(h, [(0, 0), (0, -seq_len % self.token_multiple), (0, 0)])
 
+    tokens = self.flat_rows(h, tau) if self.is_transformer else None
+    if tokens is not None:  # (B, N, d) -> (R, d): R = B*N rows padded to a multiple of 8
+      h = h.reshape(-1, d)
+      h = jnp.pad(h, [(0, -h.shape[0] % geglu_gemm_mgpu.ROW_MULTIPLE), (0, 0)])
+
     def block(blk, carry):
-      return blk(carry, tau, seq_len=seq_len) if self.is_transformer else blk(carry, tau)
+      if not self.is_transformer:
+        return blk(carry, tau)
+      return blk(carry, tau, seq_len=seq_len, tokens=tokens)
 
     def in_body(carry, p):
       out = block(nnx.merge(gdef_i, p), carry)
@@ -376,6 +383,8 @@ class Stage(nnx.Module):
       for i in range(half):
         h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
+      if tokens is not None:  # the real rows of each output (slices fuse into the concatenate)
+        outs = [o[:math.prod(tokens)] for o in outs]
       with jax.named_scope("features"):
         feats = jnp.concatenate(outs, axis=-1).reshape(b, -1, len(outs) * d)
     else:
@@ -390,13 +399,29 @@ class Stage(nnx.Module):
         h, outs = jax.lax.scan(self._remat(out_body), h, (st_o, st_s, skips[::-1]),
                                unroll=unroll)
         ext.append(outs)
+      if tokens is not None:
+        ext = [e[:, :math.prod(tokens)] for e in ext]
       with jax.named_scope("features"):
         feats = self._features(ext, b, d)
     with jax.named_scope("head"):
+      if tokens is not None:
+        h = h[:math.prod(tokens)].reshape(*tokens, d)
       if self.is_transformer:
         h = h[:, :hh * ww].reshape(b, hh, ww, d)
       out = self.out_conv(self.out_norm(h, tau))
     return out, feats
+
+  def flat_rows(self, h: Array, tau: Array) -> tuple[int, int] | None:
+    """(B, N) where a Transformer stage runs on its tokens as flat padded rows, else None.
+
+    That is where the MLPs use the Mosaic GEMM + GEGLU kernel (a batch-shared time on a Hopper
+    GPU, i.e. the samplers) and B*N is not a multiple of the rows its TMA descriptors need
+    (250 x 257 = 64250): the B*N rows are padded once for the whole stack instead of once per
+    MLP, and attention takes a slice of them (layers.TransformerBlock)."""
+    b, n = h.shape[0], h.shape[1]
+    if (b * n) % geglu_gemm_mgpu.ROW_MULTIPLE == 0 or not self.mid_block.block2._use_mgpu(tau):
+      return None
+    return (b, n)
 
   def _features(self, ext, b, d):
     """Stage input + every block output, (B, N, (n+1)*d) with channel index l*d + c."""

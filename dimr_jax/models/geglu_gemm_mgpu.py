@@ -44,6 +44,7 @@ from jax import lax
 from dimr_jax.models import geglu_kernel as gk
 
 Array = jax.Array
+ROW_MULTIPLE = 8  # rows of x the kernel takes: Mosaic's tiled TMA descriptors use 8-row tiles
 
 
 def gelu_epilogue(x: Array) -> Array:
@@ -74,6 +75,25 @@ class Config:
   stages: int = 3
   grid_minor_n: bool = True   # walk the tiles N-fastest (x tile reused by consecutive CTAs)
   grid_tile_width: int = 1
+  # Keep the wgmma groups of this many K steps in flight (their ring slots released that much
+  # later) instead of waiting for each step's wgmma before the next is issued.
+  delay_release: int = 0
+  # Chain the per-tile pipelines (``emit_pipeline_warp_specialized``'s ``pipeline_state``): the
+  # TMA warpgroup fetches the next tile's first K steps while the compute warpgroups are still in
+  # this tile's epilogue, instead of waiting for them to finish the K loop. Used where every SM
+  # walks >= 2 tiles, the K steps are a multiple of ``stages`` and ``delay_release`` is 0.
+  chain_tiles: bool = False
+  # The epilogue in this many column chunks per warpgroup, each stored by its own TMA copy from
+  # one of two shared-memory slots, so a chunk's store overlaps the next chunk's arithmetic and
+  # fewer float32 temporaries are live at once.
+  epi_chunks: int = 1
+  # Shared-memory slots the chunks rotate through (<= epi_chunks): one slot halves the output
+  # buffer (room for one more ring stage) at the cost of waiting for each chunk's store.
+  out_slots: int = 2
+  # Pair CTAs into clusters of two along M that share the W0/W1 tiles: each K step's W tiles are
+  # read from L2 once and multicast by TMA into both CTAs' shared memory (a CTA reads 1/3 fewer
+  # bytes per step), the pair walking M tiles 2i and 2i+1 of one column block.
+  cluster_m: bool = False
 
 
 def available() -> bool:
@@ -93,8 +113,15 @@ def _check(x: Array, w01: Array, b01: Array, cfg: Config) -> tuple[int, int, int
   hidden = w01.shape[1] // 2
   if b01.shape != (2 * hidden,):
     raise ValueError(f"geglu_gemm_mgpu: b01 {b01.shape} does not fit w01 {w01.shape} (want (2H,))")
-  if rows % 8:
-    raise ValueError(f"geglu_gemm_mgpu: {rows} rows, want a multiple of 8 (geglu_gemm pads them)")
+  if rows % ROW_MULTIPLE:
+    raise ValueError(f"geglu_gemm_mgpu: {rows} rows, want a multiple of {ROW_MULTIPLE} "
+                     "(geglu_gemm pads them)")
+  if cfg.tile_n % cfg.epi_chunks or (cfg.tile_n // cfg.epi_chunks) % 64:
+    raise ValueError(f"geglu_gemm_mgpu: epi_chunks={cfg.epi_chunks} must split tile_n={cfg.tile_n}"
+                     " into chunks of a multiple of 64 columns")
+  if cfg.delay_release >= cfg.stages:
+    raise ValueError(f"geglu_gemm_mgpu: delay_release={cfg.delay_release} needs more stages than "
+                     f"{cfg.stages}")
   if hidden % cfg.tile_n or depth % cfg.tile_k:
     raise ValueError(f"geglu_gemm_mgpu: H={hidden} must be a multiple of tile_n={cfg.tile_n} and "
                      f"K={depth} of tile_k={cfg.tile_k}; use the Triton/XLA path for this shape")
@@ -110,25 +137,35 @@ def _call(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
   dt = x.dtype
   tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_m = 2 * tm
-  m_iters, n_iters, k_iters = pl.cdiv(rows, cta_m), hidden // tn, depth // tk
+  ncl = 2 if cfg.cluster_m else 1  # CTAs per cluster
+  m_iters, n_iters, k_iters = pl.cdiv(rows, ncl * cta_m), hidden // tn, depth // tk
+  num_sms = getattr(jax.devices()[0], "core_count", 132)  # H100 SXM: 132 SMs
+  num_clusters = num_sms // ncl
+  stages = min(cfg.stages, k_iters)  # the pipeline shrinks its ring to the K steps itself
+  chain = (cfg.chain_tiles and cfg.delay_release == 0 and k_iters % stages == 0
+           and m_iters * n_iters >= 2 * num_clusters)
+  ec = tn // cfg.epi_chunks  # columns per epilogue chunk
   swizzle = plgpu.find_swizzle(tk * jnp.dtype(dt).itemsize * 8)
   in_transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
                    plgpu.SwizzleTransform(swizzle))
-  out_swizzle = plgpu.find_swizzle(tn * jnp.dtype(dt).itemsize * 8)
+  out_swizzle = plgpu.find_swizzle(ec * jnp.dtype(dt).itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dt).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
+  out_slots = max(1, min(cfg.out_slots, cfg.epi_chunks))
 
-  def spec(shape, index_map):
-    return plgpu.BlockSpec(shape, index_map, transforms=in_transforms, memory_space=plgpu.SMEM)
+  def spec(shape, index_map, shared=False):
+    return plgpu.BlockSpec(shape, index_map, transforms=in_transforms, memory_space=plgpu.SMEM,
+                           delay_release=cfg.delay_release,
+                           collective_axes=("cluster",) if shared else ())
 
-  def pipeline(body, context):
+  def pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40,
         in_specs=[spec((cta_m, tk), lambda k: (0, k)),
-                  spec((tk, tn), lambda k: (k, 0)),
-                  spec((tk, tn), lambda k: (k, 0))],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages,
-        compute_context=context)
+                  spec((tk, tn), lambda k: (k, 0), cfg.cluster_m),
+                  spec((tk, tn), lambda k: (k, 0), cfg.cluster_m)],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+        compute_context=context, pipeline_state=state)
 
   def kernel(x_gmem, w_gmem, b_gmem, out_gmem):
     unused = lambda *_, **__: None
@@ -136,7 +173,7 @@ def _call(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(unused, unused).get_allocations(x_gmem, w_gmem, w_gmem),
-        out_smem=plgpu.SMEM((2, tm, tn), dt, transforms=out_transforms),
+        out_smem=plgpu.SMEM((2, out_slots, tm, ec), dt, transforms=out_transforms),
         b_smem=plgpu.SMEM((2 * hidden,), dt),
         b_barrier=plgpu.Barrier(num_barriers=1),
         collective_axes="wg")
@@ -150,50 +187,66 @@ def _call(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
 
       plgpu.barrier_wait(b_barrier.at[0])  # the bias has landed before any epilogue reads it
 
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="grid")
       def _tiles(info):
         (lin,) = info.index
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
                                           cfg.grid_tile_width)
+        if cfg.cluster_m:  # the pair's second CTA takes the next M tile (past the end: TMA
+          m_idx = m_idx * 2 + lax.axis_index("cluster")  # loads zeros, its stores are dropped)
         rows_cta = pl.ds(m_idx * cta_m, cta_m)
         rows_wg = pl.ds(wg * tm, tm)
-        cols0 = pl.ds(n_idx * tn, tn)
-        cols1 = pl.ds(hidden + n_idx * tn, tn)
+        state = None
+        if chain:  # START on this SM's first tile, STOP on its last (each SM has >= 2)
+          state = jnp.where(info.local_index == 0, int(plgpu.PipelinePipeline.START),
+                            jnp.where(info.local_index == info.num_local_steps - 1,
+                                      int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
 
         def context(run):
           @functools.partial(pl.run_scoped, acc0=plgpu.ACC((tm, tn), jnp.float32),
                              acc1=plgpu.ACC((tm, tn), jnp.float32))
           def _accs(acc0, acc1):
             run((acc0, acc1))
+            if cfg.delay_release:
+              plgpu.wgmma_wait(0)
             f32 = jnp.float32
-            b0 = b_smem[cols0].astype(f32)
-            b1 = b_smem[cols1].astype(f32)
-            f0 = (acc0[...].astype(dt).astype(f32)
-                  + lax.broadcast_in_dim(b0, (tm, tn), (1,))).astype(dt).astype(f32)
-            f1 = (acc1[...].astype(dt).astype(f32)
-                  + lax.broadcast_in_dim(b1, (tm, tn), (1,))).astype(dt).astype(f32)
-            h = (_gelu(f0) * f1).astype(dt)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = h
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows_cta, cols0].at[rows_wg])
+            a0, a1 = acc0[...], acc1[...]
+            for c in range(cfg.epi_chunks):
+              cc = slice(c * ec, (c + 1) * ec)
+              b0 = b_smem[pl.ds(n_idx * tn + c * ec, ec)].astype(f32)
+              b1 = b_smem[pl.ds(hidden + n_idx * tn + c * ec, ec)].astype(f32)
+              f0 = (a0[:, cc].astype(dt).astype(f32)
+                    + lax.broadcast_in_dim(b0, (tm, ec), (1,))).astype(dt).astype(f32)
+              f1 = (a1[:, cc].astype(dt).astype(f32)
+                    + lax.broadcast_in_dim(b1, (tm, ec), (1,))).astype(dt).astype(f32)
+              h = (_gelu(f0) * f1).astype(dt)
+              slot = c % out_slots
+              # the store that last read this slot has finished reading it
+              plgpu.wait_smem_to_gmem(out_slots - 1 if c else 0, wait_read_only=True)
+              out_smem[wg, slot] = h
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot],
+                  out_gmem.at[rows_cta, pl.ds(n_idx * tn + c * ec, ec)].at[rows_wg])
 
         def mma(_, x_smem, w0_smem, w1_smem, accs):
           acc0, acc1 = accs
           plgpu.wgmma(acc0, x_smem.at[rows_wg], w0_smem)
           plgpu.wgmma(acc1, x_smem.at[rows_wg], w1_smem)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(2 * cfg.delay_release)  # two wgmma groups per K step
           return accs
 
-        pipeline(mma, context)(x_gmem.at[rows_cta, :], w_gmem.at[:, cols0], w_gmem.at[:, cols1],
-                               allocations=allocs)
+        pipeline(mma, context, state)(
+            x_gmem.at[rows_cta, :], w_gmem.at[:, pl.ds(n_idx * tn, tn)],
+            w_gmem.at[:, pl.ds(hidden + n_idx * tn, tn)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  num_sms = getattr(jax.devices()[0], "core_count", 132)  # H100 SXM: 132 SMs
+  cluster = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.cluster_m else {}
   f = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((rows, hidden), dt),
-      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(num_clusters,), grid_names=("grid",), **cluster, num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                            approx_math=True))
   return f(x, w01, b01)
@@ -259,7 +312,7 @@ def geglu_gemm(x: Array, w01: Array, b01: Array, cfg: Config | None = None, *,
   rows = math.prod(lead)
   if cfg is None:
     cfg = default_config(depth, w01.shape[-1] // 2) or Config()  # Config(): _check names the misfit
-  rows8 = -(-rows // 8) * 8
+  rows8 = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
   dt = x.dtype
   x2 = x.reshape(rows, depth)
   if rows8 != rows:

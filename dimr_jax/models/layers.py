@@ -347,14 +347,14 @@ class GegluMLP(PreNormSubBlock):
 
   def _mgpu_body(self, x: Array, tau: Array) -> Array:
     """norm -> GEMM + GEGLU kernel -> w2 on rows padded to a multiple of 8 (the kernel's TMA
-    descriptors need it; sampling has 250 x 257 = 64250). The pad is put *before* the norm so
-    XLA can fuse it into the norm's pass (padded after the norm, it was a pass of its own: 3.3 ms
-    per XL sampling step; not re-profiled since), and the slice comes after w2 so that it can
-    fuse into the residual add instead of copying the wide hidden activation. A shared time's
-    norm scale is one (1, C) row, so the norm works on the flat padded rows."""
+    descriptors need it; sampling has 250 x 257 = 64250). A Transformer stage hands its tokens
+    over as rows already padded (``Stage.flat_rows``): padding here, before the norm, was a pass
+    of its own that XLA did not fuse (4.0 ms per XL sampling step, NOTES row 42). The slice comes
+    after w2 so that it can fuse into the residual add instead of copying the wide hidden
+    activation. A shared time's norm scale is one (1, C) row, so the norm works on flat rows."""
     lead, d = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    xp = jnp.pad(x.reshape(rows, d), ((0, -rows % 8), (0, 0)))
+    xp = jnp.pad(x.reshape(rows, d), ((0, -rows % geglu_gemm_mgpu.ROW_MULTIPLE), (0, 0)))
     h = self.norm(xp, tau).astype(self.w0.dtype)
     g = geglu_gemm_mgpu.geglu_gemm(h, *self._weights01(), padded_rows=True)
     return self.w2(g)[:rows].reshape(*lead, self.w2.kernel.shape[-1])
@@ -555,8 +555,18 @@ class TransformerBlock(nnx.Module):
                             attention_impl=attention_impl, pallas_ops=pallas_ops)
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
 
-  def __call__(self, x: Array, tau: Array, seq_len: int | None = None) -> Array:
-    x = self.block1.residual(x, tau, seq_len=seq_len)
+  def __call__(self, x: Array, tau: Array, seq_len: int | None = None,
+               tokens: tuple[int, int] | None = None) -> Array:
+    """x: (B, N, C); or, with ``tokens`` = (B, N), the B*N tokens as flat rows padded to a row
+    count the MLP's kernel takes (``Stage.flat_rows``): attention sees them as (B, N, C), the MLP
+    runs on all rows and the padding rows ride along (they never mix with real tokens)."""
+    if tokens is None:
+      x = self.block1.residual(x, tau, seq_len=seq_len)
+      return self.block2.residual(x, tau)
+    b, n = tokens
+    r, d = b * n, x.shape[-1]
+    a = self.block1(x[:r].reshape(b, n, d), tau, seq_len=seq_len)  # XLA fuses the slice into the norm
+    x = x + jnp.pad(a.reshape(r, d), ((0, x.shape[0] - r), (0, 0)))  # and the pad into the add
     return self.block2.residual(x, tau)
 
 
