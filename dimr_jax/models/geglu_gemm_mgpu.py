@@ -68,7 +68,10 @@ _gelu = gelu_epilogue
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Static launch parameters. A CTA computes (2 * tile_m, tile_n) of h, i.e. (2 tile_m, 2 tile_n)
-  of the GEMM; ``stages`` is the depth of the shared-memory ring of K steps."""
+  of the GEMM; ``stages`` is the depth of the shared-memory ring of K steps. The schedule options
+  after ``grid_tile_width`` leave the arithmetic unchanged (bit-equal results, GPU tests); on the
+  H100 none of them measured faster in the model (benchmarks/NOTES.md row 40), so they are off by
+  default and kept for tuning on other parts (``benchmarks/geglu_gemm.py --mgpu``)."""
   tile_m: int = 128
   tile_n: int = 64
   tile_k: int = 64
