@@ -184,7 +184,7 @@ def test_transformer_stage_hands_the_mlps_flat_padded_rows(monkeypatch, scan_unr
   t = jnp.float32(0.3)
   want = model(x, t, y)
   monkeypatch.setattr(gm, "geglu_gemm", fake_kernel)
-  monkeypatch.setattr(layers.GegluMLP, "_use_mgpu", lambda self, tau: tau.shape[0] == 1)
+  monkeypatch.setattr(layers.GegluMLP, "uses_mgpu", lambda self, tau: tau.shape[0] == 1)
   stage = next(s for s in model.stages if s.is_transformer)
   tokens = stage.flat_rows(jnp.zeros((2, 65, 8)), jnp.zeros((1,)))
   assert tokens == (2, 65)  # 130 rows: not a multiple of 8

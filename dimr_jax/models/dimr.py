@@ -383,7 +383,7 @@ class Stage(nnx.Module):
       for i in range(half):
         h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
-      if tokens is not None:  # the real rows of each output (slices fuse into the concatenate)
+      if tokens is not None:  # the real rows of each output (slices: operands of the concatenate)
         outs = [o[:math.prod(tokens)] for o in outs]
       with jax.named_scope("features"):
         feats = jnp.concatenate(outs, axis=-1).reshape(b, -1, len(outs) * d)
@@ -419,7 +419,7 @@ class Stage(nnx.Module):
     (250 x 257 = 64250): the B*N rows are padded once for the whole stack instead of once per
     MLP, and attention takes a slice of them (layers.TransformerBlock)."""
     b, n = h.shape[0], h.shape[1]
-    if (b * n) % geglu_gemm_mgpu.ROW_MULTIPLE == 0 or not self.mid_block.block2._use_mgpu(tau):
+    if (b * n) % geglu_gemm_mgpu.ROW_MULTIPLE == 0 or not self.mid_block.block2.uses_mgpu(tau):
       return None
     return (b, n)
 

@@ -318,20 +318,20 @@ class GegluMLP(PreNormSubBlock):
     self.mgpu_gemm = ("geglu_gemm_mgpu" in pallas_ops and geglu_gemm_mgpu.available()
                       and geglu_gemm_mgpu.default_config(dim, hidden) is not None)
 
-  def _use_mgpu(self, tau: Array) -> bool:
+  def uses_mgpu(self, tau: Array) -> bool:
     """The Mosaic GPU kernel where it is enabled and the whole batch shares one time (the
     samplers; forward-only use, see geglu_gemm_mgpu)."""
     return (self.mgpu_gemm and tau.shape[0] == 1 and jnp.dtype(self.w0.dtype) == jnp.bfloat16
             and kernel_mesh() is None)  # multi-device: the per-device GEGLU kernel path below
 
   def __call__(self, x: Array, tau: Array, **kw) -> Array:
-    if self._use_mgpu(tau):
+    if self.uses_mgpu(tau):
       with jax.named_scope(self._scope):
         return self._mgpu_body(x, tau)
     return super().__call__(x, tau, **kw)
 
   def residual(self, x: Array, tau: Array, **kw) -> Array:
-    if self._use_mgpu(tau):
+    if self.uses_mgpu(tau):
       with jax.named_scope(self._scope):
         out = self._mgpu_body(x, tau)
       return x + out
@@ -565,8 +565,9 @@ class TransformerBlock(nnx.Module):
       return self.block2.residual(x, tau)
     b, n = tokens
     r, d = b * n, x.shape[-1]
-    a = self.block1(x[:r].reshape(b, n, d), tau, seq_len=seq_len)  # XLA fuses the slice into the norm
-    x = x + jnp.pad(a.reshape(r, d), ((0, x.shape[0] - r), (0, 0)))  # and the pad into the add
+    # the slice is an operand XLA can fuse into the norm's pass, the pad one it can fuse into the add
+    a = self.block1(x[:r].reshape(b, n, d), tau, seq_len=seq_len)
+    x = x + jnp.pad(a.reshape(r, d), ((0, x.shape[0] - r), (0, 0)))
     return self.block2.residual(x, tau)
 
 
