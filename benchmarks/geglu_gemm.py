@@ -12,6 +12,9 @@ in bf16, then the GEGLU kernel with the bias); ``gemm only`` is the bare cuBLAS 
 fused kernel must reach); ``fused ...`` are launch configurations of ``geglu_gemm_kernel``
 (Triton); ``mgpu ...`` are tilings of the Mosaic GPU kernel ``geglu_gemm_mgpu`` (Hopper only,
 forward only; ``--mgpu_no_gelu`` also times them with the GELU left out of the epilogue).
+``--cupti`` times the kernels on the GPU (no dispatch overhead, which is ~0.25 ms of a ~1 ms call
+timed by wall clock) and ``--rounds=N`` times every variant N times round-robin (the spread is
+printed); use both to compare variants a few percent apart (NOTES row 40).
 """
 import argparse
 import functools
@@ -68,7 +71,6 @@ def parse_mgpu(spec, depth, hidden):
   v = [int(t) for t in pos]
   return geglu_gemm_mgpu.Config(*v[:4], grid_tile_width=v[4] if len(v) > 4 else 1,
                                 grid_minor_n=bool(v[5]) if len(v) > 5 else True, **kw)
-
 
 
 def main():
@@ -146,6 +148,7 @@ def main():
       loss = lambda x, w, b, f=f: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
       line += f"  fwd+bwd {median_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, w01, b01):7.3f} ms"
     print(line, flush=True)
+
 
 if __name__ == "__main__":
   main()
