@@ -33,6 +33,19 @@ def test_bad_case_on_the_command_line_is_one_line():
   assert "bad case 'XL/2R:train:b64'" in r.stderr.strip().splitlines()[-1]
 
 
+def test_mgpu_fields_replace_the_kernel_default_per_depth(monkeypatch):
+  from dimr_jax.models import geglu_gemm_mgpu as gm
+  assert bench.mgpu_fields("960:delay_release=1;480:stages=5,chain_tiles=1") == {
+      960: {"delay_release": 1}, 480: {"stages": 5, "chain_tiles": 1}}
+  monkeypatch.setattr(gm, "default_config", gm.default_config)  # restored after the test
+  base = gm.default_config(480, 960)
+  bench._patch_mgpu_default("480:stages=5,chain_tiles=1")
+  got = gm.default_config(480, 960)
+  assert (got.stages, got.chain_tiles, got.tile_k) == (5, True, base.tile_k)
+  assert gm.default_config(960, 1920).chain_tiles is False  # other depths untouched
+  assert gm.default_config(16, 32) is None
+
+
 def test_mesh_config():
   assert bench.mesh_config(4, "dp") == {"data": 4, "fsdp": 1}
   assert bench.mesh_config(4, "fsdp") == {"data": 1, "fsdp": 4}
