@@ -341,9 +341,9 @@ class Stage(nnx.Module):
         h = jnp.pad(h, [(0, 0), (0, -seq_len % self.token_multiple), (0, 0)])
 
     tokens = self.flat_rows(h, tau) if self.is_transformer else None
-    if tokens is not None:  # (B, N, d) -> (R, d): R = B*N rows padded to a multiple of 8
-      h = h.reshape(-1, d)
-      h = jnp.pad(h, [(0, -h.shape[0] % geglu_gemm_mgpu.ROW_MULTIPLE), (0, 0)])
+    if tokens is not None:  # (B, N, d) -> (R, d): the B*N real rows padded to a multiple of 8
+      real = math.prod(tokens)
+      h = jnp.pad(h.reshape(real, d), [(0, -real % geglu_gemm_mgpu.ROW_MULTIPLE), (0, 0)])
 
     def block(blk, carry):
       if not self.is_transformer:
@@ -384,7 +384,7 @@ class Stage(nnx.Module):
         h, _ = out_body(h, p_out[i] + (outs[half - i],))  # skip from in-block half-1-i
         outs.append(h)
       if tokens is not None:  # the real rows of each output (slices: operands of the concatenate)
-        outs = [o[:math.prod(tokens)] for o in outs]
+        outs = [o[:real] for o in outs]
       with jax.named_scope("features"):
         feats = jnp.concatenate(outs, axis=-1).reshape(b, -1, len(outs) * d)
     else:
@@ -400,12 +400,12 @@ class Stage(nnx.Module):
                                unroll=unroll)
         ext.append(outs)
       if tokens is not None:
-        ext = [e[:, :math.prod(tokens)] for e in ext]
+        ext = [e[:, :real] for e in ext]
       with jax.named_scope("features"):
         feats = self._features(ext, b, d)
     with jax.named_scope("head"):
       if tokens is not None:
-        h = h[:math.prod(tokens)].reshape(*tokens, d)
+        h = h[:real].reshape(*tokens, d)
       if self.is_transformer:
         h = h[:, :hh * ww].reshape(b, hh, ww, d)
       out = self.out_conv(self.out_norm(h, tau))

@@ -305,8 +305,8 @@ def geglu_gemm(x: Array, w01: Array, b01: Array, cfg: Config | None = None, *,
     cfg: tiling (see :class:`Config`); default :func:`default_config`.
     padded_rows: the kernel's TMA descriptors need a row count that is a multiple of 8 (a tiled
       copy), so x's M = prod(leading dims) rows are zero-padded up to one here (sampling's
-      250 x 257 = 64250 -> 64256; ``GegluMLP`` pads before its norm instead, so that XLA can fuse
-      the pad there, and passes rows already padded). With ``padded_rows=True`` the result
+      250 x 257 = 64250 -> 64256; the model's Transformer stages hand over rows already
+      padded, ``Stage.flat_rows``). With ``padded_rows=True`` the result
       is returned as those (M8, H) rows, for a caller whose next GEMM can take them and slice
       after it (a slice here would copy the whole (M, H) output); otherwise it is sliced back to
       (..., H).

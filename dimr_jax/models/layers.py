@@ -346,16 +346,16 @@ class GegluMLP(PreNormSubBlock):
     return k01, b01
 
   def _mgpu_body(self, x: Array, tau: Array) -> Array:
-    """norm -> GEMM + GEGLU kernel -> w2 on rows padded to a multiple of 8 (the kernel's TMA
-    descriptors need it; sampling has 250 x 257 = 64250). A Transformer stage hands its tokens
-    over as rows already padded (``Stage.flat_rows``): padding here, before the norm, was a pass
-    of its own that XLA did not fuse (4.0 ms per XL sampling step, NOTES row 42). The slice comes
-    after w2 so that it can fuse into the residual add instead of copying the wide hidden
-    activation. A shared time's norm scale is one (1, C) row, so the norm works on flat rows."""
+    """norm -> GEMM + GEGLU kernel -> w2. The kernel takes rows in multiples of 8 (its TMA
+    descriptors); a Transformer stage hands its tokens over as rows already padded
+    (``Stage.flat_rows``: sampling has 250 x 257 = 64250), elsewhere ``geglu_gemm`` pads them (a
+    pass of its own, which XLA fused neither before nor after the norm: NOTES rows 38, 42). The
+    kernel returns the padded rows and the slice comes after w2, where it can fuse into the
+    residual add instead of copying the wide hidden activation. A shared time's norm scale is one
+    (1, C) row, so the norm works on flat rows."""
     lead, d = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    xp = jnp.pad(x.reshape(rows, d), ((0, -rows % geglu_gemm_mgpu.ROW_MULTIPLE), (0, 0)))
-    h = self.norm(xp, tau).astype(self.w0.dtype)
+    h = self.norm(x.reshape(rows, d), tau).astype(self.w0.dtype)
     g = geglu_gemm_mgpu.geglu_gemm(h, *self._weights01(), padded_rows=True)
     return self.w2(g)[:rows].reshape(*lead, self.w2.kernel.shape[-1])
 
