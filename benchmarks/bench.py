@@ -77,10 +77,21 @@ def mgpu_fields(spec: str) -> dict[int, dict[str, int]]:
   """'K:field=v,field=v;K:...' -> {K: {field: v}}: fields of the Mosaic GEMM + GEGLU kernel's
   Config to replace, per contraction depth K (960 / 480: XL's Transformer / ConvNeXt MLPs,
   1152 / 576: G's), so a kernel variant can be A/B'd in the model without changing its default."""
+  import dataclasses
+  sys.path.insert(0, REPO)
+  from dimr_jax.models import geglu_gemm_mgpu
+  names = {f.name for f in dataclasses.fields(geglu_gemm_mgpu.Config)}
   out = {}
   for part in filter(None, spec.split(";")):
     k, _, fields = part.partition(":")
-    out[int(k)] = {f: int(v) for f, v in (kv.split("=") for kv in fields.split(","))}
+    try:
+      kv = dict(f.split("=") for f in fields.split(","))
+      out[int(k)] = {f: int(v) for f, v in kv.items()}
+    except ValueError:
+      raise ValueError(f"bad --mgpu_fields part {part!r}: want K:field=INT[,field=INT]") from None
+    if unknown := set(kv) - names:
+      raise ValueError(f"bad --mgpu_fields part {part!r}: {sorted(unknown)} not in "
+                       f"geglu_gemm_mgpu.Config ({sorted(names)})")
   return out
 
 
@@ -337,6 +348,10 @@ def main(argv=None) -> int:
     if res is not None:
       print("RESULT " + json.dumps(res), flush=True)
     return 0
+  try:
+    mgpu_fields(args.mgpu_fields)
+  except ValueError as e:
+    p.error(str(e))  # one line and exit 2, before anything compiles
   cases = [c for c in args.cases.split(",") if c]
   for c in cases:
     try:

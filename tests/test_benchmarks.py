@@ -37,6 +37,12 @@ def test_mgpu_fields_replace_the_kernel_default_per_depth(monkeypatch):
   from dimr_jax.models import geglu_gemm_mgpu as gm
   assert bench.mgpu_fields("960:delay_release=1;480:stages=5,chain_tiles=1") == {
       960: {"delay_release": 1}, 480: {"stages": 5, "chain_tiles": 1}}
+  for bad in ("960:delay_release", "960:nope=1", "x:stages=2"):
+    with pytest.raises(ValueError, match="bad --mgpu_fields"):
+      bench.mgpu_fields(bad)
+  r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--mgpu_fields=960:nope=1"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
   monkeypatch.setattr(gm, "default_config", gm.default_config)  # restored after the test
   base = gm.default_config(480, 960)
   bench._patch_mgpu_default("480:stages=5,chain_tiles=1")
