@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import dwconv_kernel  # noqa: E402
+from dimr_jax.models import dwconv_kernel, dwconv_mgpu  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py
 
 
@@ -84,6 +84,9 @@ def main():
                  help="with --residual: also time the conv with operands cast to these dtypes")
   p.add_argument("--layers", type=int, default=1,
                  help="with --residual: time L chained applications in one jit, report per one")
+  p.add_argument("--mgpu", default="",
+                 help="with --residual: time the Mosaic GPU kernel (dwconv_mgpu.py) instead of the "
+                      "Triton ones, at these ';'-separated launch shapes 'cb:rows' or 'auto'")
   args = p.parse_args()
   if args.residual:
     return residual(args)
@@ -198,6 +201,14 @@ def residual(args):
     measure(f"xla conv({name})+b+x", xla_in)
   if jax.default_backend() != "gpu":
     print("(Pallas kernels: GPU only)")
+    return
+  if args.mgpu:
+    for spec in filter(None, args.mgpu.split(";")):
+      cb, rows = (None, None) if spec == "auto" else (int(v) for v in spec.split(":"))
+      pl_ = dwconv_mgpu.plan(x.shape, 7, cb=cb, rows=rows)
+      measure(f"mgpu {spec} -> {pl_}",
+              lambda x, w, b, cb=cb, rows=rows: dwconv_mgpu.dwconv_residual(x, w, b, cb=cb, rows=rows),
+              bwd=spec == "auto")
     return
 
   def label(t):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dimr_jax.models import (dwconv_kernel, geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel,
+from dimr_jax.models import (dwconv_kernel, dwconv_mgpu, geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel,
                              pallas_util, rmsnorm_kernel)
 
 Array = jax.Array
@@ -375,8 +375,10 @@ class GegluMLP(PreNormSubBlock):
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm",
+PALLAS_OPS = ("dwconv", "dwconv_mgpu", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm",
               "rmsnorm_bwd")
+# 'dwconv_mgpu': the ConvNeXt block's x + b + dwconv(x) as a Mosaic GPU (Hopper) kernel staged in
+# shared memory (dwconv_mgpu.py), forward only (XLA's backward), bf16 models.
 # 'geglu_gemm_mgpu': the Mosaic GPU (Hopper) GEMM with the GEGLU in its epilogue, used only where
 # the time is batch-shared (sampling); needs an sm_90 GPU (geglu_gemm_mgpu.py).
 # Under a multi-device mesh (kernel_mesh) only 'geglu' runs, per device; the others fall back to
@@ -414,9 +416,10 @@ def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
   if ops and not have_triton:
     raise ValueError(f"pallas_ops={spec!r}: this jax has no Pallas Triton backend; use "
                      "pallas_ops='' (XLA) or a jax release that still ships it")
-  if "geglu_gemm_mgpu" in ops and not geglu_gemm_mgpu.available():
-    raise ValueError(f"pallas_ops={spec!r}: 'geglu_gemm_mgpu' is a Mosaic GPU kernel for Hopper "
-                     "(sm_90) GPUs and this device is not one; leave it out of pallas_ops")
+  for op, module in (("dwconv_mgpu", dwconv_mgpu), ("geglu_gemm_mgpu", geglu_gemm_mgpu)):
+    if op in ops and not module.available():
+      raise ValueError(f"pallas_ops={spec!r}: {op!r} is a Mosaic GPU kernel for Hopper (sm_90) "
+                       "GPUs and this device is not one; leave it out of pallas_ops")
   return ops
 
 
@@ -581,11 +584,19 @@ class ConvNeXtBlock(nnx.Module):
                        dtype=dtype, rngs=rngs)
     self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
     self.pallas_dwconv = "dwconv" in pallas_ops
+    self.mgpu_dwconv = "dwconv_mgpu" in pallas_ops
 
   def __call__(self, x: Array, tau: Array) -> Array:
     with jax.named_scope("dwconv"):
       conv = self.block1
-      if (self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0])
+      k = conv.kernel.shape[0]
+      if (self.mgpu_dwconv and jnp.dtype(conv.dtype) == jnp.bfloat16 and kernel_mesh() is None
+          and dwconv_mgpu.plan(x.shape, k) is not None):
+        # x + b + dwconv(x) staged in shared memory (Hopper); the bias stays float32 as in Conv
+        x = dwconv_mgpu.dwconv_residual(x.astype(conv.dtype),
+                                        conv.kernel[...][:, :, 0, :].astype(conv.dtype),
+                                        conv.bias[...])
+      elif (self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0])
           and kernel_mesh() is None):
         # x + b + dwconv(x) in one kernel (opt-in: it measured no faster than cuDNN in the model,
         # benchmarks/NOTES.md row 22).
