@@ -24,13 +24,13 @@ def _inputs(shape, seed=0, k=7):
 
 
 def test_plan_per_shape():
-  # DiMR-XL / -G ConvNeXt stages at 256 px: 8 channels a CTA, four strips of 8 rows, 256 threads
+  # DiMR-XL / -G ConvNeXt stages at 256 px: 8 channels a CTA, two strips of 16 rows, 128 threads
   for c in (480, 576):
     p = dm.plan((250, 32, 32, c), 7)
-    assert p == dm.Plan(cb=8, rows=8, strips=4) and p.threads(32) == 256
-  # a 64x64 stage: 8 channels, 8 strips of 8 rows = 1024 threads; 16 channels would be over the
+    assert p == dm.Plan(cb=8, rows=16, strips=2) and p.threads(32) == 128
+  # a 64x64 stage: 8 channels, 4 strips of 16 rows = 512 threads; 16 channels would be over the
   # shared-memory budget (70 x 70 x 16 bf16 = 157 KB)
-  assert dm.plan((8, 64, 64, 480), 7) == dm.Plan(8, 8, 8)
+  assert dm.plan((8, 64, 64, 480), 7) == dm.Plan(8, 16, 4)
   assert dm.plan((8, 64, 64, 480), 7, cb=16) is None
   # explicit launch shapes are honoured or refused
   assert dm.plan((2, 32, 32, 64), 7, cb=32, rows=8) == dm.Plan(32, 8, 4)
@@ -88,6 +88,7 @@ def _assert_close_bf16(got, want):
     ((250, 32, 32, 480), 7, None, None),   # DiMR-XL's ConvNeXt stage (sampling batch)
     ((4, 32, 32, 576), 7, None, None),     # DiMR-G's
     ((3, 32, 32, 64), 7, 32, 8),           # wider channel block, four strips
+    ((250, 32, 32, 480), 7, 16, 8),        # the 16-channel, 8-row launch the sweep times
     ((2, 64, 64, 24), 7, None, None),      # 64x64 (8-channel blocks), C not a power of two
     ((5, 16, 16, 40), 3, 8, 4),            # 3x3 kernel, short strips
 ])

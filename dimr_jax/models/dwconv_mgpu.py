@@ -38,7 +38,7 @@ Array = jax.Array
 VEC = 4            # channels per thread: one 8-byte bf16 load, four float32 accumulators per row
 SMEM_BUDGET = 100 * 1024  # bytes of input tile per CTA (two CTAs share an SM's 228 KiB)
 MAX_ROWS = 16      # output rows per thread (float32 registers: rows * VEC accumulators)
-DEFAULT_ROWS = 8   # measured fastest (benchmarks/NOTES.md row 43)
+DEFAULT_ROWS = 16  # measured fastest with cb=8 (benchmarks/NOTES.md row 43)
 STAGE_BATCH = 8    # 16-byte global loads a thread keeps in flight while staging the tile
 
 
