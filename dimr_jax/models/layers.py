@@ -391,7 +391,8 @@ GEGLU_GEMM_NARROW_BELOW = 768
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 # ... plus, on a Hopper GPU, the Mosaic GPU GEMM + GEGLU for sampling (NOTES row 38: XL +4.5%,
 # G +5.5% guided sampling; it adds ~80-120 s to a sampling step's compile).
-AUTO_HOPPER_OPS = ("geglu_gemm_mgpu",)
+# ... and the shared-memory depthwise conv (NOTES row 43: XL +4.1%, G +3.4% guided sampling).
+AUTO_HOPPER_OPS = ("geglu_gemm_mgpu", "dwconv_mgpu")
 
 
 def auto_pallas_ops() -> tuple[str, ...]:
