@@ -111,7 +111,9 @@ def test_gpu_gradients_are_xlas():
                                rtol=2e-2, atol=2e-2)
 
 
-def test_model_convnext_blocks_use_it_where_asked(monkeypatch):
+@pytest.mark.parametrize("scan_unroll,remat", [(None, "none"), (1, "block")],
+                         ids=["python-loop", "rolled-scan-remat"])
+def test_model_convnext_blocks_use_it_where_asked(monkeypatch, scan_unroll, remat):
   """pallas_ops='dwconv_mgpu' routes every ConvNeXt block's x + b + dwconv(x) through the kernel
   (faked here by XLA arithmetic on exactly what the kernel is handed: bf16 x, float32 taps with the
   residual in the centre tap, float32 bias), and the model's output and gradients stay those of the
@@ -139,6 +141,7 @@ def test_model_convnext_blocks_use_it_where_asked(monkeypatch):
   monkeypatch.setattr(dm, "_kernel", fake_kernel)
   spec = dict(variant="mu/2R", num_classes=11)
   make = lambda ops: dimr_model.DiMR(spec, dtype=jnp.bfloat16, pallas_ops=ops,  # noqa: E731
+                                     scan_unroll=scan_unroll, remat=remat,
                                      rngs=nnx.Rngs(params=0))
   x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
   t = jnp.float32(0.3)

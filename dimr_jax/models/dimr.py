@@ -443,7 +443,8 @@ class DiMR(nnx.Module):
       steps), a rolled loop on TPU (short compiles on pods).
     pallas_ops: which ops run as Pallas kernels ('auto': those measured faster inside the model,
       ``layers.auto_pallas_ops()``: the GEGLU pass on GPU in 16-bit, and on a Hopper GPU the
-      Mosaic GPU GEMM + GEGLU for sampling; '': none; or a comma list, see
+      Mosaic GPU GEMM + GEGLU for sampling and the shared-memory depthwise conv; '': none; or a
+      comma list, see
       ``layers.resolve_pallas_ops``).
   """
 
