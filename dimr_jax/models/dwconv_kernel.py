@@ -279,14 +279,19 @@ def dwconv_residual(x: Array, w: Array, bias: Array, *, row_tile: int | None = N
   return _dwconv_residual(x, w.astype(x.dtype), bias.astype(x.dtype), tiles)
 
 
-def dwconv_residual_reference(x: Array, w: Array, bias: Array) -> Array:
-  """The same op through XLA's convolution, float32 accumulation, one rounding (for tests)."""
+def depthwise_same(x: Array, w: Array, out_dtype) -> Array:
+  """XLA's (cuDNN's) 'SAME' depthwise correlation of NHWC x with w (k, k, C) cast to x's dtype."""
   k = w.shape[0]
-  y = jax.lax.conv_general_dilated(
+  return jax.lax.conv_general_dilated(
       x, w[:, :, None, :].astype(x.dtype), (1, 1), [(k // 2, k // 2)] * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-      preferred_element_type=jnp.float32)
+      preferred_element_type=out_dtype)
+
+
+def dwconv_residual_reference(x: Array, w: Array, bias: Array) -> Array:
+  """The same op through XLA's convolution, float32 accumulation, one rounding (for tests)."""
+  y = depthwise_same(x, w, jnp.float32)
   return (y + bias.astype(jnp.float32) + x.astype(jnp.float32)).astype(x.dtype)
 
 
-__all__ = ["dwconv_residual", "dwconv_residual_reference", "supported", "tiling"]
+__all__ = ["depthwise_same", "dwconv_residual", "dwconv_residual_reference", "supported", "tiling"]

@@ -34,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dimr_jax.models import dwconv_kernel, geglu_gemm_mgpu
+
 Array = jax.Array
 VEC = 4            # channels per thread: one 8-byte bf16 load, four float32 accumulators per row
 SMEM_BUDGET = 100 * 1024  # bytes of input tile per CTA (two CTAs share an SM's 228 KiB)
@@ -59,13 +61,8 @@ class Plan:
 
 
 def available() -> bool:
-  """Mosaic GPU present and the default device a Hopper (sm_90) GPU."""
-  try:
-    import jax.experimental.mosaic.gpu  # noqa: F401
-  except ImportError:
-    return False
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+  """Mosaic GPU present and the default device a Hopper (sm_90) GPU: the GEMM kernel's check."""
+  return geglu_gemm_mgpu.available()
 
 
 def plan(x_shape: tuple[int, ...], kernel_size: int, *, cb: int | None = None,
@@ -282,22 +279,11 @@ def _taps(w: Array) -> Array:
 def _xla_path(x: Array, w: Array, bias: Array) -> Array:
   """The model's XLA path (``layers.Conv`` in the compute dtype, then the residual add), whose
   gradients the kernel's backward takes: cuDNN's dgrad/wgrad in x's dtype."""
-  k = w.shape[0]
-  y = jax.lax.conv_general_dilated(
-      x, w[:, :, None, :].astype(x.dtype), (1, 1), [(k // 2, k // 2)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-      preferred_element_type=x.dtype)
-  return x + (y + bias.astype(x.dtype))
+  return x + (dwconv_kernel.depthwise_same(x, w, x.dtype) + bias.astype(x.dtype))
 
 
-def reference(x: Array, w: Array, bias: Array) -> Array:
-  """``x + b + dwconv(x)`` through XLA's convolution, float32 accumulation, one rounding."""
-  k = w.shape[0]
-  y = jax.lax.conv_general_dilated(
-      x, w[:, :, None, :].astype(x.dtype), (1, 1), [(k // 2, k // 2)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-      preferred_element_type=jnp.float32)
-  return (y + bias.astype(jnp.float32) + x.astype(jnp.float32)).astype(x.dtype)
+# ``x + b + dwconv(x)`` through XLA's convolution, float32 accumulation, one rounding (tests)
+reference = dwconv_kernel.dwconv_residual_reference
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
