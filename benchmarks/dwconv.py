@@ -86,8 +86,7 @@ def main():
                  help="with --residual: time L chained applications in one jit, report per one")
   p.add_argument("--mgpu", default="",
                  help="with --residual: time the Mosaic GPU kernel (dwconv_mgpu.py) instead of the "
-                      "Triton ones, at these ';'-separated launch shapes 'cb:rows[:persistent]' "
-                      "(persistent 0/1) or 'auto'")
+                      "Triton ones, at these ';'-separated launch shapes 'cb:rows' or 'auto'")
   args = p.parse_args()
   if args.residual:
     return residual(args)
@@ -205,13 +204,10 @@ def residual(args):
     return
   if args.mgpu:
     for spec in filter(None, args.mgpu.split(";")):
-      cb, rows, pers = (None, None, None) if spec == "auto" else (
-          [int(v) for v in spec.split(":")] + [None])[:3]
-      pers = None if pers is None else bool(pers)
-      pl_ = dwconv_mgpu.plan(x.shape, 7, cb=cb, rows=rows, persistent=pers)
+      cb, rows = (None, None) if spec == "auto" else (int(v) for v in spec.split(":"))
+      pl_ = dwconv_mgpu.plan(x.shape, 7, cb=cb, rows=rows)
       measure(f"mgpu {spec} -> {pl_}",
-              lambda x, w, b, cb=cb, rows=rows, pers=pers: dwconv_mgpu.dwconv_residual(
-                  x, w, b, cb=cb, rows=rows, persistent=pers),
+              lambda x, w, b, cb=cb, rows=rows: dwconv_mgpu.dwconv_residual(x, w, b, cb=cb, rows=rows),
               bwd=spec == "auto")
     return
 

@@ -42,19 +42,15 @@ SMEM_BUDGET = 100 * 1024  # bytes of input tile per CTA (two CTAs share an SM's 
 MAX_ROWS = 16      # output rows per thread (float32 registers: rows * VEC accumulators)
 DEFAULT_ROWS = 16  # measured fastest with cb=8 (benchmarks/NOTES.md row 43)
 STAGE_BATCH = 8    # 16-byte global loads a thread keeps in flight while staging the tile
-DEFAULT_PERSISTENT = False  # the persistent, double-buffered launch (NOTES row 44)
+MAX_GRID_Y = 65535  # images per call: the grid's y extent (CUDA's limit)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Static launch shape: ``cb`` channels per CTA, ``strips`` row strips of ``rows`` rows; a
-  persistent launch runs ``ctas_per_sm`` CTAs per SM that walk the tiles with double-buffered
-  staging (see :func:`_build`)."""
+  """Static launch shape: ``cb`` channels per CTA, ``strips`` row strips of ``rows`` rows."""
   cb: int
   rows: int
   strips: int
-  persistent: bool = False
-  ctas_per_sm: int = 4
 
   def threads(self, width: int) -> int:
     return self.cb // VEC * width * self.strips
@@ -66,16 +62,16 @@ def available() -> bool:
 
 
 def plan(x_shape: tuple[int, ...], kernel_size: int, *, cb: int | None = None,
-         rows: int | None = None, persistent: bool | None = None) -> Plan | None:
+         rows: int | None = None) -> Plan | None:
   """The launch shape for an NHWC input, or None where the kernel does not apply.
 
-  Needs an odd kernel, C a multiple of a channel block cb in (32, 16, 8) whose bordered tile fits
-  :data:`SMEM_BUDGET`, and a row strip (a divisor of H, at most :data:`MAX_ROWS`) such that the
+  Needs an odd kernel, at most :data:`MAX_GRID_Y` images, C a multiple of a channel block cb in
+  (32, 16, 8) whose bordered tile fits :data:`SMEM_BUDGET`, and a row strip (a divisor of H, at most :data:`MAX_ROWS`) such that the
   CTA has a whole number of warps and at most 1024 threads. Defaults: the narrowest cb (8) and
   strips of :data:`DEFAULT_ROWS` rows or the nearest that fit, the fastest measured on an H100 at
   DiMR-XL's and -G's shapes (``benchmarks/dwconv.py --residual --mgpu``; NOTES row 43).
   """
-  if len(x_shape) != 4 or kernel_size % 2 != 1:
+  if len(x_shape) != 4 or kernel_size % 2 != 1 or x_shape[0] > MAX_GRID_Y:
     return None
   _, h, w, c = x_shape
   halo = kernel_size - 1
@@ -88,23 +84,16 @@ def plan(x_shape: tuple[int, ...], kernel_size: int, *, cb: int | None = None,
     for r in cands:
       if not r or h % r or r > MAX_ROWS:
         continue
-      p = Plan(cb_, r, h // r, DEFAULT_PERSISTENT if persistent is None else persistent)
+      p = Plan(cb_, r, h // r)
       if p.threads(w) % 32 == 0 and p.threads(w) <= 1024:
         return p
   return None
 
 
 def _build(x_shape: tuple[int, ...], k: int, p: Plan):
-  """The kernel for x (B, H, W, C) bf16, w (k*k, C) float32 (centre tap + 1), bias (C,) float32.
-
-  A tile is one (image, channel block). Plain launch: one CTA per tile, staged by loads into
-  registers and stores to shared memory, then computed. Persistent launch (``p.persistent``):
-  ``ctas_per_sm`` CTAs per SM walk the tiles, each with two shared-memory buffers; the next
-  tile's copy (``cp.async``, 16 bytes a copy, border chunks zero-filled by a source size of 0) is
-  in flight while the current tile is computed, so a CTA does not wait out its own staging.
-  """
+  """The kernel for x (B, H, W, C) bf16, w (k*k, C) float32 (centre tap + 1), bias (C,) float32."""
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, gpu, llvm, nvvm
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm
   from jax._src.lib.mlir.dialects import math as mmath
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mu
@@ -112,19 +101,12 @@ def _build(x_shape: tuple[int, ...], k: int, p: Plan):
   n, h, w, c = x_shape
   halo = k - 1
   hp, wp = h + halo, w + halo
-  cb, rows = p.cb, p.rows
+  cb, rows, strips = p.cb, p.rows, p.strips
   groups = cb // VEC
   nthreads = p.threads(w)
   chunks = cb // 8                       # 16-byte vectors per pixel of the tile
-  stage_iters = -(-(hp * wp * chunks) // nthreads)
-  buf_elems = stage_iters * nthreads * 8  # the tile plus slack for the last round of chunks
-  ncb = c // cb
-  tiles = n * ncb
-  if p.persistent:
-    num_sms = getattr(jax.devices()[0], "core_count", 132)
-    grid = min(tiles, num_sms * p.ctas_per_sm)
-  else:
-    grid = tiles
+  stage_total = hp * wp * chunks
+  stage_iters = -(-stage_total // nthreads)
 
   def body(ctx, x_ref, w_ref, b_ref, y_ref, smem):
     del ctx
@@ -134,134 +116,85 @@ def _build(x_shape: tuple[int, ...], k: int, p: Plan):
     v4f = ir.VectorType.get((VEC,), f32)
     ci = lambda v: mu.c(v, i32)
     cl = lambda v: mu.c(v, i64)
-    lt = lambda a, b: arith.cmpi(arith.CmpIPredicate.slt, a, b)
-    cache_global = ir.Attribute.parse("#nvvm<load_cache_modifier cg>")  # cp.async.cg: L2 only
 
     tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-    bid = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
+    cblk = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
+    img = arith.index_cast(i64, gpu.block_id(gpu.Dimension.y))
+    c0 = arith.muli(cblk, ci(cb))
     x_ptr, y_ptr = mu.memref_ptr(x_ref), mu.memref_ptr(y_ref)
     w_ptr, b_ptr, s_ptr = mu.memref_ptr(w_ref), mu.memref_ptr(b_ref), mu.memref_ptr(smem)
+    img_base = arith.muli(img, cl(h * w * c))  # element offset of this image (int64)
 
-    def tile_coords(t):
-      """(first channel, element offset of the image (int64)) of tile t = img * ncb + cblk."""
-      c0 = arith.muli(arith.remui(t, ci(ncb)), ci(cb))
-      img = arith.extui(i64, arith.divui(t, ci(ncb)))
-      return c0, arith.muli(img, cl(h * w * c))
+    # --- stage the bordered tile: smem[(r * wp + q) * cb + j*8 : +8] = x[img, r-k//2, q-k//2, c0+j*8:]
+    # Unrolled, up to STAGE_BATCH loads issued before their stores (a loop would wait out each
+    # load's latency in turn). Chunks past the tile (idx >= hp * wp * chunks) land in the buffer's
+    # slack as zeros: their row is past the image, so they take the border's path.
+    zero8 = mu.c(0.0, v8bf)
+    loaded = []
+    for it in range(stage_iters):
+      idx = arith.addi(ci(it * nthreads), tid)
+      j = arith.remui(idx, ci(chunks))
+      pix = arith.divui(idx, ci(chunks))
+      r = arith.subi(arith.divui(pix, ci(wp)), ci(k // 2))
+      q = arith.subi(arith.remui(pix, ci(wp)), ci(k // 2))
+      inside = functools.reduce(arith.andi, [
+          arith.cmpi(arith.CmpIPredicate.sge, r, ci(0)),
+          arith.cmpi(arith.CmpIPredicate.slt, r, ci(h)),
+          arith.cmpi(arith.CmpIPredicate.sge, q, ci(0)),
+          arith.cmpi(arith.CmpIPredicate.slt, q, ci(w))])
+      rc = arith.select(inside, r, ci(0))
+      qc = arith.select(inside, q, ci(0))
+      off = arith.addi(arith.muli(arith.addi(arith.muli(rc, ci(w)), qc), ci(c)),
+                       arith.addi(c0, arith.muli(j, ci(8))))
+      off = arith.addi(img_base, arith.extui(i64, off))
+      loaded.append((idx, inside, llvm.load(v8bf, mu.getelementptr(x_ptr, [off], bf16))))
+      if len(loaded) == STAGE_BATCH or it == stage_iters - 1:
+        for idx_, inside_, v in loaded:
+          llvm.store(arith.select(inside_, v, zero8),
+                     mu.getelementptr(s_ptr, [arith.muli(idx_, ci(8))], bf16))
+        loaded = []
 
-    def chunk_sources(c0, img_base):
-      """Per staging round: (tile chunk index, inside the image?, clamped global address)."""
-      for it in range(stage_iters):
-        idx = arith.addi(ci(it * nthreads), tid)
-        j = arith.remui(idx, ci(chunks))
-        pix = arith.divui(idx, ci(chunks))
-        r = arith.subi(arith.divui(pix, ci(wp)), ci(k // 2))
-        q = arith.subi(arith.remui(pix, ci(wp)), ci(k // 2))
-        inside = functools.reduce(arith.andi, [
-            arith.cmpi(arith.CmpIPredicate.sge, r, ci(0)), lt(r, ci(h)),
-            arith.cmpi(arith.CmpIPredicate.sge, q, ci(0)), lt(q, ci(w))])
-        rc = arith.select(inside, r, ci(0))
-        qc = arith.select(inside, q, ci(0))
-        off = arith.addi(arith.muli(arith.addi(arith.muli(rc, ci(w)), qc), ci(c)),
-                         arith.addi(c0, arith.muli(j, ci(8))))
-        yield idx, inside, mu.getelementptr(x_ptr, [arith.addi(img_base, arith.extui(i64, off))],
-                                            bf16)
+    gpu.barrier()
 
-    def stage_sync(c0, img_base, buf_ptr):
-      """smem[(r * wp + q) * cb + j*8 : +8] = x[img, r-k//2, q-k//2, c0+j*8 : +8], zero outside.
-      Up to STAGE_BATCH loads are issued before their stores (a loop would wait out each load's
-      latency in turn); chunks past the tile land in the buffer's slack as zeros (their row is
-      past the image)."""
-      zero8 = mu.c(0.0, v8bf)
-      loaded = []
-      for n_done, (idx, inside, src) in enumerate(chunk_sources(c0, img_base), 1):
-        loaded.append((idx, inside, llvm.load(v8bf, src)))
-        if len(loaded) == STAGE_BATCH or n_done == stage_iters:
-          for idx_, inside_, v in loaded:
-            llvm.store(arith.select(inside_, v, zero8),
-                       mu.getelementptr(buf_ptr, [arith.muli(idx_, ci(8))], bf16))
-          loaded = []
-
-    def stage_async(c0, img_base, buf_ptr):
-      """The same copies as cp.async (16 bytes; a source size of 0 zero-fills a border chunk)."""
-      for idx, inside, src in chunk_sources(c0, img_base):
-        dst = mu.getelementptr(buf_ptr, [arith.muli(idx, ci(8))], bf16)
-        src = llvm.addrspacecast(llvm.PointerType.get(1), src)  # generic -> global
-        nvvm.cp_async_shared_global(dst, src, 16, cache_global,
-                                    cp_size=arith.select(inside, ci(16), ci(0)))
-
-    # this thread: channels c0 + g*4 .. +4 of column col, output rows row0 .. row0 + rows
+    # --- this thread: channels c0 + g*4 .. +4 of column col, output rows strip*rows .. +rows
     g = arith.remui(tid, ci(groups))
     col = arith.remui(arith.divui(tid, ci(groups)), ci(w))
-    row0 = arith.muli(arith.divui(tid, ci(groups * w)), ci(rows))
+    strip = arith.divui(tid, ci(groups * w))
+    row0 = arith.muli(strip, ci(rows))
+    ch = arith.addi(c0, arith.muli(g, ci(VEC)))
     # tile element of (padded row row0, padded column col, channel g*4); taps add static offsets
     t_base = arith.addi(arith.muli(arith.addi(arith.muli(row0, ci(wp)), col), ci(cb)),
                         arith.muli(g, ci(VEC)))
-    y_rel = arith.addi(arith.muli(arith.addi(arith.muli(row0, ci(w)), col), ci(c)),
-                       arith.muli(g, ci(VEC)))
-
-    def compute(c0, img_base, buf_ptr):
-      """y[img, row0 + o, col, ch:ch+4] for the strip's rows: per kernel column dx, that column's
-      k weights into registers, then every input row of the strip feeds the output rows it
-      touches (float32 FMAs)."""
-      ch = arith.addi(c0, arith.muli(g, ci(VEC)))
-      t_ptr = mu.getelementptr(buf_ptr, [t_base], bf16)
-      wch_ptr = mu.getelementptr(w_ptr, [ch], f32)
-      bias = llvm.load(v4f, mu.getelementptr(b_ptr, [ch], f32))
-      accs = [bias] * rows
-      for dx in range(k):
-        wts = [llvm.load(v4f, mu.getelementptr(wch_ptr, [(dy * k + dx) * c], f32))
-               for dy in range(k)]
-        for i in range(rows + halo):        # padded input row row0 + i
-          xv = arith.extf(v4f, llvm.load(v4bf, mu.getelementptr(t_ptr, [(i * wp + dx) * cb],
-                                                                 bf16)))
-          for dy in range(k):
-            o = i - dy
-            if 0 <= o < rows:
-              accs[o] = mmath.fma(wts[dy], xv, accs[o])
-      y0 = mu.getelementptr(y_ptr, [arith.addi(img_base, arith.extui(i64, arith.addi(y_rel, c0)))],
-                            bf16)
-      for o in range(rows):
-        llvm.store(arith.truncf(v4bf, accs[o]), mu.getelementptr(y0, [o * w * c], bf16))
-
-    if not p.persistent:
-      c0, img_base = tile_coords(bid)
-      stage_sync(c0, img_base, s_ptr)
-      gpu.barrier()
-      compute(c0, img_base, s_ptr)
-      return
-
-    iters = -(-tiles // grid)
-    with mu.when(lt(bid, ci(tiles))):
-      stage_async(*tile_coords(bid), s_ptr)
-    nvvm.cp_async_commit_group()
-
-    @mu.fori(ci(iters), ())
-    def _tiles(i, carry):
-      t = arith.addi(bid, arith.muli(i, ci(grid)))
-      t_next = arith.addi(t, ci(grid))
-      parity = arith.remui(i, ci(2))
-      cur = mu.getelementptr(s_ptr, [arith.muli(parity, ci(buf_elems))], bf16)
-      nxt = mu.getelementptr(s_ptr, [arith.muli(arith.subi(ci(1), parity), ci(buf_elems))], bf16)
-      with mu.when(lt(t_next, ci(tiles))):
-        stage_async(*tile_coords(t_next), nxt)
-      nvvm.cp_async_commit_group()
-      nvvm.cp_async_wait_group(1)     # this thread's copies of tile t have landed ...
-      gpu.barrier()                   # ... and every thread's
-      with mu.when(lt(t, ci(tiles))):
-        compute(*tile_coords(t), cur)
-      gpu.barrier()                   # all reads of `cur` done before it is refilled
-      return carry
+    t_ptr = mu.getelementptr(s_ptr, [t_base], bf16)
+    wch_ptr = mu.getelementptr(w_ptr, [ch], f32)
+    bias = llvm.load(v4f, mu.getelementptr(b_ptr, [ch], f32))
+    accs = [bias] * rows
+    for dx in range(k):
+      wts = [llvm.load(v4f, mu.getelementptr(wch_ptr, [(dy * k + dx) * c], f32))
+             for dy in range(k)]
+      for i in range(rows + halo):        # padded input row row0 + i
+        xv = llvm.load(v4bf, mu.getelementptr(t_ptr, [(i * wp + dx) * cb], bf16))
+        xv = arith.extf(v4f, xv)
+        for dy in range(k):
+          o = i - dy
+          if 0 <= o < rows:
+            accs[o] = mmath.fma(wts[dy], xv, accs[o])
+    # --- store: y[img, row0 + o, col, ch:ch+4]
+    y_base = arith.addi(img_base, arith.extui(i64, arith.addi(
+        arith.muli(arith.addi(arith.muli(row0, ci(w)), col), ci(c)), ch)))
+    y0 = mu.getelementptr(y_ptr, [y_base], bf16)
+    for o in range(rows):
+      llvm.store(arith.truncf(v4bf, accs[o]), mu.getelementptr(y0, [o * w * c], bf16))
 
   from jax._src.interpreters import mlir
   with mlir.make_ir_context(), ir.Location.unknown():  # the builders above need a context
     return mgpu.as_gpu_kernel(
-        body, grid=(grid, 1, 1), block=(nthreads, 1, 1),
+        body, grid=(c // cb, n, 1), block=(nthreads, 1, 1),
         in_shape=(jax.ShapeDtypeStruct(x_shape, jnp.bfloat16),
                   jax.ShapeDtypeStruct((k * k, c), jnp.float32),
                   jax.ShapeDtypeStruct((c,), jnp.float32)),
         out_shape=jax.ShapeDtypeStruct(x_shape, jnp.bfloat16),
-        smem_scratch_shape=jax.ShapeDtypeStruct(((2 if p.persistent else 1) * buf_elems,),
-                                                jnp.bfloat16),
+        smem_scratch_shape=jax.ShapeDtypeStruct((stage_iters * nthreads * 8,), jnp.bfloat16),
         kernel_name="dwconv_residual_mgpu")
 
 
@@ -307,7 +240,7 @@ _dwconv.defvjp(_fwd, _bwd)
 
 
 def dwconv_residual(x: Array, w: Array, bias: Array, *, cb: int | None = None,
-                    rows: int | None = None, persistent: bool | None = None) -> Array:
+                    rows: int | None = None) -> Array:
   """``x + b + depthwise_conv(x, w)`` ('SAME', stride 1) for bf16 NHWC x; w (k, k, C), bias (C,).
 
   Raises ValueError naming the misfit where :func:`plan` has no launch shape for the input."""
@@ -317,7 +250,7 @@ def dwconv_residual(x: Array, w: Array, bias: Array, *, cb: int | None = None,
   if w.shape != (k, k, x.shape[-1]) or bias.shape != (x.shape[-1],):
     raise ValueError(f"dwconv_mgpu: kernel {w.shape} / bias {bias.shape} do not fit input "
                      f"{x.shape} (want (k, k, C) and (C,))")
-  p = plan(x.shape, k, cb=cb, rows=rows, persistent=persistent)
+  p = plan(x.shape, k, cb=cb, rows=rows)
   if p is None:
     raise ValueError(f"dwconv_mgpu: no launch shape for input {x.shape} with a {k}x{k} kernel "
                      f"(cb={cb}, rows={rows}): C must be a multiple of 8 and the bordered tile fit "
