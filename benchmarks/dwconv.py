@@ -21,7 +21,7 @@ launch overhead does not hide a fraction-of-a-millisecond kernel.
     python benchmarks/dwconv.py --residual --tune --batch=250 --dim=480 --layers=10
 """
 import argparse
-
+import functools
 import os
 import sys
 
@@ -206,9 +206,8 @@ def residual(args):
     for spec in filter(None, args.mgpu.split(";")):
       cb, rows = (None, None) if spec == "auto" else (int(v) for v in spec.split(":"))
       pl_ = dwconv_mgpu.plan(x.shape, 7, cb=cb, rows=rows)
-      measure(f"mgpu {spec} -> {pl_}",
-              lambda x, w, b, cb=cb, rows=rows: dwconv_mgpu.dwconv_residual(x, w, b, cb=cb, rows=rows),
-              bwd=spec == "auto")
+      run = functools.partial(dwconv_mgpu.dwconv_residual, cb=cb, rows=rows)
+      measure(f"mgpu {spec} -> {pl_}", run, bwd=spec == "auto")
     return
 
   def label(t):

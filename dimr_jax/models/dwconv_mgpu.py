@@ -1,8 +1,8 @@
-"""DiMR's ConvNeXt depthwise conv ``x + b + dwconv(x)`` as a Mosaic GPU kernel staged in shared memory.
+"""The ConvNeXt block's ``x + b + dwconv(x)`` as a Mosaic GPU kernel staged in shared memory.
 
-cuDNN's depthwise 7x7 conv moves its (250, 32, 32, 480) bf16 tensor at ~0.43 TB/s on an H100
-(1.15 ms a call; 20 ms of a DiMR-XL/2R guided sampling step, 33 ms of a G/2R one: benchmarks/NOTES.md
-rows 41-42). Two Pallas Triton kernels that read every tap through the cache were no faster
+cuDNN's depthwise 7x7 conv moves its (250, 32, 32, 480) bf16 tensor at ~0.43 TB/s on an H100 (1.15
+ms a call; 20 ms of a DiMR-XL/2R guided sampling step, 33 ms of a G/2R one: benchmarks/NOTES.md rows
+41-42). Two Pallas Triton kernels that read every tap through the cache were no faster
 (``dwconv_kernel.py``, NOTES rows 22 and 36). This one is written at the thread level with Mosaic
 GPU's MLIR builders (``mosaic_gpu.as_gpu_kernel``), where shared memory and the registers are
 explicit:
@@ -70,11 +70,12 @@ def plan(x_shape: tuple[int, ...], kernel_size: int, *, cb: int | None = None,
          rows: int | None = None) -> Plan | None:
   """The launch shape for an NHWC input, or None where the kernel does not apply.
 
-  Needs an odd kernel, at most :data:`MAX_GRID_Y` images, C a multiple of a channel block cb in
-  (32, 16, 8) whose bordered tile fits :data:`SMEM_BUDGET`, and a row strip (a divisor of H, at most :data:`MAX_ROWS`) such that the
-  CTA has a whole number of warps and at most 1024 threads. Defaults: the narrowest cb (8) and
-  strips of :data:`DEFAULT_ROWS` rows or the nearest that fit, the fastest measured on an H100 at
-  DiMR-XL's and -G's shapes (``benchmarks/dwconv.py --residual --mgpu``; NOTES row 43).
+  Needs an odd kernel, at most :data:`MAX_GRID_Y` images, C a multiple of a channel block cb in (32,
+  16, 8) whose bordered tile fits :data:`SMEM_BUDGET`, and a row strip (a divisor of H, at most
+  :data:`MAX_ROWS`) such that the CTA has a whole number of warps and at most 1024 threads.
+  Defaults: the narrowest cb (8) and strips of :data:`DEFAULT_ROWS` rows or the nearest that fit,
+  the fastest measured on an H100 at DiMR-XL's and -G's shapes (``benchmarks/dwconv.py --residual
+  --mgpu``; NOTES row 43).
   """
   if len(x_shape) != 4 or kernel_size % 2 != 1 or x_shape[0] > MAX_GRID_Y:
     return None
@@ -130,7 +131,8 @@ def _build(x_shape: tuple[int, ...], k: int, p: Plan):
     w_ptr, b_ptr, s_ptr = mu.memref_ptr(w_ref), mu.memref_ptr(b_ref), mu.memref_ptr(smem)
     img_base = arith.muli(img, cl(h * w * c))  # element offset of this image (int64)
 
-    # --- stage the bordered tile: smem[(r * wp + q) * cb + j*8 : +8] = x[img, r-k//2, q-k//2, c0+j*8:]
+    # --- stage the bordered tile:
+    #     smem[(r * wp + q) * cb + j*8 : +8] = x[img, r - k//2, q - k//2, c0 + j*8 : +8]
     # Unrolled, up to STAGE_BATCH loads issued before their stores (a loop would wait out each
     # load's latency in turn). Chunks past the tile (idx >= hp * wp * chunks) land in the buffer's
     # slack as zeros: their row is past the image, so they take the border's path.

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dimr_jax.models import (dwconv_kernel, dwconv_mgpu, geglu_gemm_kernel, geglu_gemm_mgpu, geglu_kernel,
-                             pallas_util, rmsnorm_kernel)
+from dimr_jax.models import (dwconv_kernel, dwconv_mgpu, geglu_gemm_kernel, geglu_gemm_mgpu,
+                             geglu_kernel, pallas_util, rmsnorm_kernel)
 
 Array = jax.Array
 
@@ -375,8 +375,8 @@ class GegluMLP(PreNormSubBlock):
     return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
 
 
-PALLAS_OPS = ("dwconv", "dwconv_mgpu", "geglu", "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm",
-              "rmsnorm_bwd")
+PALLAS_OPS = ("dwconv", "dwconv_mgpu", "geglu", "geglu_gemm", "geglu_gemm_mgpu",
+              "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
 # 'dwconv_mgpu': the ConvNeXt block's x + b + dwconv(x) as a Mosaic GPU (Hopper) kernel staged in
 # shared memory (dwconv_mgpu.py), forward only (XLA's backward), bf16 models.
 # 'geglu_gemm_mgpu': the Mosaic GPU (Hopper) GEMM with the GEGLU in its epilogue, used only where
@@ -391,7 +391,8 @@ GEGLU_GEMM_NARROW_BELOW = 768
 AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
 # ... plus, on a Hopper GPU, the Mosaic GPU GEMM + GEGLU for sampling (NOTES row 38: XL +4.5%,
 # G +5.5% guided sampling; it adds ~80-120 s to a sampling step's compile).
-# ... and the shared-memory depthwise conv (NOTES row 43: XL +4.1%, G +3.4% guided sampling).
+# ... and the shared-memory depthwise conv (NOTES row 43: XL +4.1%, G +3.4% guided sampling; its
+# forward in training: XL b128 +2.6%, G b64 +1.4%).
 AUTO_HOPPER_OPS = ("geglu_gemm_mgpu", "dwconv_mgpu")
 
 
@@ -593,11 +594,12 @@ class ConvNeXtBlock(nnx.Module):
       k = conv.kernel.shape[0]
       if (self.mgpu_dwconv and jnp.dtype(conv.dtype) == jnp.bfloat16 and kernel_mesh() is None
           and dwconv_mgpu.plan(x.shape, k) is not None):
-        # x + b + dwconv(x) staged in shared memory (Hopper); the bias stays float32 as in Conv
+        # x + b + dwconv(x) staged in shared memory (Hopper), one rounding at the end (Conv rounds
+        # the conv, then its bias, then the sum to the compute dtype: ~1 ulp apart in places)
         x = dwconv_mgpu.dwconv_residual(x.astype(conv.dtype),
                                         conv.kernel[...][:, :, 0, :].astype(conv.dtype),
                                         conv.bias[...])
-      elif (self.pallas_dwconv and dwconv_kernel.supported(x.shape, conv.kernel.shape[0])
+      elif (self.pallas_dwconv and dwconv_kernel.supported(x.shape, k)
           and kernel_mesh() is None):
         # x + b + dwconv(x) in one kernel (opt-in: it measured no faster than cuDNN in the model,
         # benchmarks/NOTES.md row 22).
