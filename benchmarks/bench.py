@@ -97,9 +97,9 @@ def mgpu_fields(spec: str) -> dict[int, dict[str, int]]:
 
 def _patch_mgpu_default(spec: str):
   import dataclasses
-  sys.path.insert(0, REPO)
+  fields = mgpu_fields(spec)  # (puts the repo on sys.path)
   from dimr_jax.models import geglu_gemm_mgpu
-  fields, default = mgpu_fields(spec), geglu_gemm_mgpu.default_config
+  default = geglu_gemm_mgpu.default_config
 
   def patched(depth, hidden):
     cfg = default(depth, hidden)

@@ -145,10 +145,7 @@ def residual(args):
   n_layers = args.layers
 
   def xla(x, w, b):  # the model's XLA path (layers.Conv): bf16 conv output + bias, then x + that
-    y = jax.lax.conv_general_dilated(
-        x, w[:, :, None, :], (1, 1), [(3, 3)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1], preferred_element_type=dt)
-    return x + (y + b)
+    return x + (dwconv_kernel.depthwise_same(x, w, dt) + b)
 
   def pallas(tiles=(None,) * 4, **kw):
     th, tw, bc, nw = tiles
@@ -193,11 +190,7 @@ def residual(args):
     cdt = jnp.dtype(name)
 
     def xla_in(x, w, b, cdt=cdt):  # the conv's operands cast (in the model: by the op before)
-      y = jax.lax.conv_general_dilated(
-          x.astype(cdt), w.astype(cdt)[:, :, None, :], (1, 1), [(3, 3)] * 2,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-          preferred_element_type=cdt)
-      return x + (y.astype(dt) + b)
+      return x + (dwconv_kernel.depthwise_same(x.astype(cdt), w, cdt).astype(dt) + b)
     measure(f"xla conv({name})+b+x", xla_in)
   if jax.default_backend() != "gpu":
     print("(Pallas kernels: GPU only)")

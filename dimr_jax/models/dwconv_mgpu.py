@@ -107,7 +107,7 @@ def _build(x_shape: tuple[int, ...], k: int, p: Plan):
   n, h, w, c = x_shape
   halo = k - 1
   hp, wp = h + halo, w + halo
-  cb, rows, strips = p.cb, p.rows, p.strips
+  cb, rows = p.cb, p.rows
   groups = cb // VEC
   nthreads = p.threads(w)
   chunks = cb // 8                       # 16-byte vectors per pixel of the tile
