@@ -23,6 +23,7 @@ launch overhead does not hide a fraction-of-a-millisecond kernel.
 import argparse
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -88,6 +89,9 @@ def main():
                  help="with --residual: time the Mosaic GPU kernel (dwconv_mgpu.py) instead of the "
                       "Triton ones, at these ';'-separated launch shapes 'cb:rows' or 'auto'")
   args = p.parse_args()
+  for spec in filter(None, args.mgpu.split(";")):
+    if spec != "auto" and not re.fullmatch(r"\d+:\d+", spec):
+      p.error(f"bad --mgpu launch shape {spec!r}: want 'cb:rows' (e.g. 8:16) or 'auto'")
   if args.residual:
     return residual(args)
   dt = jnp.bfloat16
