@@ -101,7 +101,8 @@ def test_gpu_matches_reference(shape, k, cb, rows):
 
 
 @gpu_only
-def test_gpu_gradients_are_xlas():
+def test_gpu_gradients_match_the_reference():
+  """dx from the kernel run on the flipped taps, dw and db from XLA."""
   x, w, b = _inputs((2, 32, 32, 32))
   g = jax.random.normal(jax.random.key(5), x.shape, jnp.bfloat16)
   loss = lambda f: lambda x, w, b: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
@@ -110,6 +111,51 @@ def test_gpu_gradients_are_xlas():
   for a, e in zip(got, want):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
                                rtol=2e-2, atol=2e-2)
+
+
+def _fake_kernel(x_shape, k, p):
+  """XLA arithmetic on exactly the operands the kernel is handed (bf16 x, float32 taps with the
+  residual in the centre tap, float32 bias), one rounding at the end, as the kernel does."""
+  assert p == dm.plan(x_shape, k)
+
+  def run(x, taps, bias):
+    assert x.shape == x_shape and x.dtype == jnp.bfloat16
+    assert taps.shape == (k * k, x.shape[-1]) and taps.dtype == bias.dtype == jnp.float32
+    y = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), taps.reshape(k, k, 1, -1), (1, 1), [(k // 2, k // 2)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        precision="highest")
+    return (y + bias).astype(jnp.bfloat16)
+  return run
+
+
+@pytest.mark.parametrize("k", [7, 3])
+def test_backward_runs_the_kernel_on_the_flipped_taps(monkeypatch, k):
+  """dx = g + conv(g, flip(w)) through the kernel (faked), dw and db by XLA: all three equal the
+  float32 reference's gradients to bf16 precision. A kernel that is not symmetric makes a missing
+  or wrong flip fail."""
+  calls = []
+
+  def counting(x_shape, k_, p):
+    calls.append(x_shape)
+    return _fake_kernel(x_shape, k_, p)
+
+  monkeypatch.setattr(dm, "_kernel", counting)
+  x, w, b = _inputs((2, 16, 16, 16), seed=3, k=k)
+  w = w + jnp.arange(k, dtype=jnp.float32)[:, None, None] * 0.05  # rows differ: not symmetric
+  g = jax.random.normal(jax.random.key(5), x.shape, jnp.bfloat16)
+  loss = lambda f: lambda x, w, b: jnp.sum((f(x, w, b) * g).astype(jnp.float32))
+  wb = w.astype(jnp.bfloat16)
+  got = jax.grad(loss(dm.dwconv_residual), argnums=(0, 1, 2))(x, wb, b)
+  # float32 throughout: the exact gradients, which the kernel's dx rounds once
+  want = jax.grad(loss(dm.reference), argnums=(0, 1, 2))(x.astype(jnp.float32),
+                                                        wb.astype(jnp.float32), b)
+  assert len(calls) == 2  # the forward and the data gradient
+  _assert_close_bf16(got[0], want[0].astype(jnp.bfloat16))
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1]), rtol=2e-2,
+                             atol=2e-2 * float(jnp.abs(want[1]).max()))
+  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("scan_unroll,remat", [(None, "none"), (1, "block")],
@@ -126,17 +172,8 @@ def test_model_convnext_blocks_use_it_where_asked(monkeypatch, scan_unroll, rema
   shapes = []
 
   def fake_kernel(x_shape, k, p):
-    assert p == dm.plan(x_shape, k)
     shapes.append(x_shape)
-
-    def run(x, taps, bias):
-      assert x.dtype == jnp.bfloat16 and taps.dtype == bias.dtype == jnp.float32
-      y = jax.lax.conv_general_dilated(
-          x.astype(jnp.float32), taps.reshape(k, k, 1, -1), (1, 1), [(k // 2, k // 2)] * 2,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-          precision="highest")
-      return (y + bias).astype(jnp.bfloat16)
-    return run
+    return _fake_kernel(x_shape, k, p)
 
   monkeypatch.setattr(dm, "available", lambda: True)
   monkeypatch.setattr(dm, "_kernel", fake_kernel)

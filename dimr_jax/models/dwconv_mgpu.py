@@ -27,9 +27,11 @@ XL/2R guided sampling +4.1%, XL/2R training +2.6%. Each CTA still waits out its 
 it computes, which leaves it ~2x off its FMA bound (a persistent, double-buffered launch is the
 next step: NOTES row 44).
 
-Forward only, with a custom VJP whose backward is XLA's (cuDNN's) data- and weight-gradient
-convolutions, so training may take the kernel's forward. Needs an sm_90 GPU (``available``);
-:func:`plan` says which shapes it takes (else the caller keeps XLA's conv).
+Training takes it both ways: a custom VJP runs the data gradient through the same kernel (the
+transposed conv is the conv with the flipped kernel) and leaves the weight gradient to XLA
+(cuDNN). Measured on an H200 against the forward-only version (NOTES row 46, same call each):
+XL/2R training b128 420.1 -> 429.3 img/s, G/2R b64 204.1 -> 206.4. Needs an sm_90 GPU (``available``); :func:`plan` says which shapes it takes (else the
+caller keeps XLA's conv).
 """
 from __future__ import annotations
 
@@ -216,12 +218,6 @@ def _taps(w: Array) -> Array:
   return w.astype(jnp.float32).at[k // 2, k // 2].add(1.0).reshape(k * k, -1)
 
 
-def _xla_path(x: Array, w: Array, bias: Array) -> Array:
-  """The model's XLA path (``layers.Conv`` in the compute dtype, then the residual add), whose
-  gradients the kernel's backward takes: cuDNN's dgrad/wgrad in x's dtype."""
-  return x + (dwconv_kernel.depthwise_same(x, w, x.dtype) + bias.astype(x.dtype))
-
-
 # ``x + b + dwconv(x)`` through XLA's convolution, float32 accumulation, one rounding (tests)
 reference = dwconv_kernel.dwconv_residual_reference
 
@@ -236,11 +232,23 @@ def _fwd(x, w, bias, p):
 
 
 def _bwd(p, res, g):
-  """XLA's (cuDNN's) gradients of the same op: the kernel is forward only."""
-  del p
+  """The data gradient by the same kernel, the weight and bias gradients by XLA.
+
+  The transpose of a 'SAME' stride-1 correlation with an odd kernel is the correlation with the
+  kernel flipped in both spatial axes, and the residual's identity is its own transpose, so
+  ``dx = g + dwconv(g, flip(w))`` is this kernel run on g with the flipped taps (centre + 1) and no
+  bias: one float32 sum rounded once (XLA's path rounds cuDNN's dgrad, then its sum with g). The
+  weight gradient is cuDNN's (XLA's backward-filter conv of the model's bf16 path), the bias
+  gradient a float32 sum of g.
+  """
   x, w, bias = res
-  _, vjp = jax.vjp(_xla_path, x, w, bias)
-  return vjp(g)
+  k = w.shape[0]
+  dx = _kernel(g.shape, k, p)(g.astype(jnp.bfloat16), _taps(w[::-1, ::-1]),
+                              jnp.zeros(bias.shape, jnp.float32))
+  _, vjp_w = jax.vjp(lambda w_: dwconv_kernel.depthwise_same(x, w_, x.dtype), w)
+  (dw,) = vjp_w(g.astype(x.dtype))
+  db = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
+  return dx.astype(x.dtype), dw, db
 
 
 _dwconv.defvjp(_fwd, _bwd)
