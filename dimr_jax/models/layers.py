@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dimr_jax.models import (dwconv_kernel, dwconv_mgpu, geglu_gemm_kernel, geglu_gemm_mgpu,
-                             geglu_kernel, pallas_util, rmsnorm_kernel)
+from dimr_jax.models import (dense_residual_mgpu, dwconv_kernel, dwconv_mgpu, geglu_gemm_kernel,
+                             geglu_gemm_mgpu, geglu_kernel, pallas_util, rmsnorm_kernel)
 
 Array = jax.Array
 
@@ -307,8 +307,12 @@ class GegluMLP(PreNormSubBlock):
   _scope = "mlp"
 
   def __init__(self, dim: int, hidden: int, norm_type: str, *, dtype: Any, rngs: nnx.Rngs,
-               pallas_ops: tuple[str, ...] = ()):
+               pallas_ops: tuple[str, ...] = (), fuse_residual: bool = False):
     self.norm = make_norm(norm_type, dim, pallas_ops)
+    # w2 + bias + the block's residual add as one Mosaic GPU GEMM (dense_residual_mgpu.py), asked
+    # for by the ConvNeXt blocks, whose add no neighbour fuses (NOTES row 45)
+    self.fuse_residual = (fuse_residual and "dense_residual_mgpu" in pallas_ops
+                          and dense_residual_mgpu.available())
     self.w0 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w1 = Dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.w2 = Dense(hidden, dim, dtype=dtype, rngs=rngs)
@@ -333,9 +337,32 @@ class GegluMLP(PreNormSubBlock):
   def residual(self, x: Array, tau: Array, **kw) -> Array:
     if self.uses_mgpu(tau):
       with jax.named_scope(self._scope):
-        out = self._mgpu_body(x, tau)
+        g, rows = self._mgpu_hidden(x, tau)
+        if self._fuses_residual(x, g.shape[0]):
+          return self._w2_residual(g, x)
+        out = self.w2(g)[:rows].reshape(x.shape[:-1] + (self.w2.kernel.shape[-1],))
       return x + out
+    if self._fuses_residual(x, math.prod(x.shape[:-1])):
+      with jax.named_scope(self._scope):
+        x, xn = self.norm.tap(x, tau)
+        return self._w2_residual(self._hidden(xn), x)
     return super().residual(x, tau, **kw)
+
+  def _fuses_residual(self, x: Array, rows: int) -> bool:
+    """Whether ``x + w2(g)`` runs as one kernel: asked for, bf16, one device, a shape it takes
+    (rows that are exactly x's: no padded rows to slice off after w2)."""
+    return (self.fuse_residual and x.dtype == jnp.bfloat16
+            and jnp.dtype(self.w2.dtype) == jnp.bfloat16 and kernel_mesh() is None
+            and rows == math.prod(x.shape[:-1])
+            and dense_residual_mgpu.applies(*self.w2.kernel.shape, rows))
+
+  def _w2_residual(self, g: Array, x: Array) -> Array:
+    """``x + w2(g)`` with the bias and the add in the GEMM's epilogue."""
+    w2 = self.w2
+    out = dense_residual_mgpu.dense_residual(
+        g.reshape(-1, g.shape[-1]).astype(w2.dtype), w2.kernel[...].astype(w2.dtype),
+        w2.bias[...], x.reshape(-1, x.shape[-1]))
+    return out.reshape(x.shape)
 
   def _weights01(self) -> tuple[Array, Array]:
     # w0 and w1 as one GEMM (twice the width: better tensor-core use, one read of h, one weight-
@@ -353,32 +380,42 @@ class GegluMLP(PreNormSubBlock):
     kernel returns the padded rows and the slice comes after w2, where it can fuse into the
     residual add instead of copying the wide hidden activation. A shared time's norm scale is one
     (1, C) row, so the norm works on flat rows."""
-    lead, d = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
+    g, rows = self._mgpu_hidden(x, tau)
+    return self.w2(g)[:rows].reshape(*x.shape[:-1], self.w2.kernel.shape[-1])
+
+  def _mgpu_hidden(self, x: Array, tau: Array) -> tuple[Array, int]:
+    """norm -> GEMM + GEGLU kernel: the hidden activation as padded rows, and the real rows."""
+    rows, d = math.prod(x.shape[:-1]), x.shape[-1]
     h = self.norm(x.reshape(rows, d), tau).astype(self.w0.dtype)
-    g = geglu_gemm_mgpu.geglu_gemm(h, *self._weights01(), padded_rows=True)
-    return self.w2(g)[:rows].reshape(*lead, self.w2.kernel.shape[-1])
+    return geglu_gemm_mgpu.geglu_gemm(h, *self._weights01(), padded_rows=True), rows
 
   def _body(self, xn: Array) -> Array:
     """The MLP on the normalised input."""
+    return self.w2(self._hidden(xn))
+
+  def _hidden(self, xn: Array) -> Array:
+    """``gelu(w0(xn)) * w1(xn)``, the input of w2."""
     dt = self.w0.dtype
     h = xn.astype(dt)
     k01, b01 = self._weights01()
     if self.fused_gemm and kernel_mesh() is None:  # the GEGLU in the GEMM's epilogue
-      return self.w2(geglu_gemm_kernel.geglu_gemm(h, k01, b01))
+      return geglu_gemm_kernel.geglu_gemm(h, k01, b01)
     h01 = jnp.matmul(h, k01, preferred_element_type=_acc(dt)).astype(dt)
     # The bias goes to the GEGLU pass: XLA fuses the add into its gelu*mul fusion, the Pallas
     # kernel adds it itself (one read of the GEMM output, no separate add).
     if self.geglu_impl == "pallas" and (mesh := kernel_mesh()) is not None:
       g = _per_device(functools.partial(geglu_kernel.geglu, impl="pallas"), h01, b01, mesh=mesh)
-      return self.w2(g if g is not None else geglu_kernel.geglu(h01, b01, impl="xla"))
-    return self.w2(geglu_kernel.geglu(h01, b01, impl=self.geglu_impl))
+      return g if g is not None else geglu_kernel.geglu(h01, b01, impl="xla")
+    return geglu_kernel.geglu(h01, b01, impl=self.geglu_impl)
 
 
-PALLAS_OPS = ("dwconv", "dwconv_mgpu", "geglu", "geglu_gemm", "geglu_gemm_mgpu",
-              "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
+PALLAS_OPS = ("dense_residual_mgpu", "dwconv", "dwconv_mgpu", "geglu", "geglu_gemm",
+              "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
 # 'dwconv_mgpu': the ConvNeXt block's x + b + dwconv(x) as a Mosaic GPU (Hopper) kernel staged in
-# shared memory (dwconv_mgpu.py), forward only (XLA's backward), bf16 models.
+# shared memory (dwconv_mgpu.py), forward and data gradient (XLA's weight gradient), bf16 models.
+# 'dense_residual_mgpu': the ConvNeXt MLPs' w2 GEMM with its bias and the residual add in the
+# epilogue, a Mosaic GPU (Hopper) kernel (dense_residual_mgpu.py), forward only (XLA's backward);
+# opt-in: correct on an H200 but no faster than cuBLAS + XLA's add (NOTES row 45).
 # 'geglu_gemm_mgpu': the Mosaic GPU (Hopper) GEMM with the GEGLU in its epilogue, used only where
 # the time is batch-shared (sampling); needs an sm_90 GPU (geglu_gemm_mgpu.py).
 # Under a multi-device mesh (kernel_mesh) only 'geglu' runs, per device; the others fall back to
@@ -418,7 +455,8 @@ def resolve_pallas_ops(spec: str | None, dtype: Any) -> tuple[str, ...]:
   if ops and not have_triton:
     raise ValueError(f"pallas_ops={spec!r}: this jax has no Pallas Triton backend; use "
                      "pallas_ops='' (XLA) or a jax release that still ships it")
-  for op, module in (("dwconv_mgpu", dwconv_mgpu), ("geglu_gemm_mgpu", geglu_gemm_mgpu)):
+  for op, module in (("dwconv_mgpu", dwconv_mgpu), ("geglu_gemm_mgpu", geglu_gemm_mgpu),
+                     ("dense_residual_mgpu", dense_residual_mgpu)):
     if op in ops and not module.available():
       raise ValueError(f"pallas_ops={spec!r}: {op!r} is a Mosaic GPU kernel for Hopper (sm_90) "
                        "GPUs and this device is not one; leave it out of pallas_ops")
@@ -584,7 +622,8 @@ class ConvNeXtBlock(nnx.Module):
     pad = kernel_size // 2
     self.block1 = Conv(dim, dim, kernel_size, padding=((pad, pad), (pad, pad)), groups=dim,
                        dtype=dtype, rngs=rngs)
-    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops)
+    self.block2 = GegluMLP(dim, hidden, norm_type, dtype=dtype, rngs=rngs, pallas_ops=pallas_ops,
+                           fuse_residual=True)
     self.pallas_dwconv = "dwconv" in pallas_ops
     self.mgpu_dwconv = "dwconv_mgpu" in pallas_ops
 
