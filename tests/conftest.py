@@ -51,3 +51,38 @@ def lower_for_cuda_or_skip(fn, *args) -> str:
     if "No supported GPU devices" not in str(e):
       raise
     pytest.skip(f"this jax lowers Triton kernels only with a GPU present: {e}")
+
+
+def assert_mu_model_matches_xla(ops: str, *, scan_unroll, remat, shared_time: bool = True,
+                                out_rtol: float, grad_rtol: float = 5e-2, after_forward=None):
+  """A bf16 mu/2R DiMR built with ``pallas_ops=ops`` against the same model on XLA alone: outputs
+  (then ``after_forward()``, e.g. a check of which kernel calls the forward made), then the
+  parameter gradients of a squared-output loss, each within a relative L2 tolerance. Used by the
+  kernel tests whose kernels are faked on CPU, to show the model routes through them unchanged."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from dimr_jax.models import dimr as dimr_model
+
+  def make(pallas_ops):
+    return dimr_model.DiMR(dict(variant="mu/2R", num_classes=11), dtype=jnp.bfloat16,
+                           pallas_ops=pallas_ops, scan_unroll=scan_unroll, remat=remat,
+                           rngs=nnx.Rngs(params=0))
+
+  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
+  t = jnp.float32(0.3) if shared_time else jnp.array([0.3, 0.7])
+
+  def close(want, got, rtol):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(a) + 1e-6
+
+  close(make("")(x, t, y), make(ops)(x, t, y), out_rtol)
+  if after_forward is not None:
+    after_forward()
+
+  def loss(model):
+    return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in model(x, t, y))
+  close(nnx.grad(loss)(make("")), nnx.grad(loss)(make(ops)), grad_rtol)

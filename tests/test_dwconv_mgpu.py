@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dimr_jax.models import dwconv_mgpu as dm
-from tests.conftest import lower_for_cuda_or_skip
+from tests.conftest import assert_mu_model_matches_xla, lower_for_cuda_or_skip
 
 gpu_only = pytest.mark.skipif(not dm.available(),
                               reason="needs a Hopper GPU (run with JAX_PLATFORMS=cuda)")
@@ -165,10 +165,6 @@ def test_model_convnext_blocks_use_it_where_asked(monkeypatch, scan_unroll, rema
   (faked here by XLA arithmetic on exactly what the kernel is handed: bf16 x, float32 taps with the
   residual in the centre tap, float32 bias), and the model's output and gradients stay those of the
   XLA path within bf16 rounding."""
-  from flax import nnx
-
-  from dimr_jax.models import dimr as dimr_model
-
   shapes = []
 
   def fake_kernel(x_shape, k, p):
@@ -177,22 +173,9 @@ def test_model_convnext_blocks_use_it_where_asked(monkeypatch, scan_unroll, rema
 
   monkeypatch.setattr(dm, "available", lambda: True)
   monkeypatch.setattr(dm, "_kernel", fake_kernel)
-  spec = dict(variant="mu/2R", num_classes=11)
-  make = lambda ops: dimr_model.DiMR(spec, dtype=jnp.bfloat16, pallas_ops=ops,  # noqa: E731
-                                     scan_unroll=scan_unroll, remat=remat,
-                                     rngs=nnx.Rngs(params=0))
-  x, y = jax.random.normal(jax.random.key(7), (2, 32, 32, 4)), jnp.array([2, 9])
-  t = jnp.float32(0.3)
-  want, got = make("")(x, t, y), make("dwconv_mgpu")(x, t, y)
-  assert shapes and all(s[1:3] == (32, 32) for s in shapes)
-  for a, b in zip(want, got):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a)
 
-  def loss(model):
-    return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in model(x, t, y))
-  g_want = nnx.grad(loss)(make(""))
-  g_got = nnx.grad(loss)(make("dwconv_mgpu"))
-  for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(a) + 1e-6
+  def every_call_full_size():
+    assert shapes and all(s[1:3] == (32, 32) for s in shapes)
+
+  assert_mu_model_matches_xla("dwconv_mgpu", scan_unroll=scan_unroll, remat=remat, out_rtol=2e-2,
+                              grad_rtol=5e-2, after_forward=every_call_full_size)
