@@ -2,8 +2,8 @@
 
 The ConvNeXt blocks' MLPs end in ``x + w2(g)``. XLA leaves that add as a pass of its own: cuBLAS
 could take ``x`` as the GEMM's addend only by writing over it, and ``x`` is still read by the
-block's norm; the next op, the depthwise-conv kernel (a custom call), cannot fuse it either. The pass
-reads two (B*H*W, C) bf16 tensors and writes one: 0.31 ms per block at DiMR-XL's sampling shape,
+block's norm; the next op, the depthwise-conv kernel (a custom call), cannot fuse it either. The
+pass reads two (B*H*W, C) bf16 tensors and writes one: 0.31 ms per block at DiMR-XL's sampling shape,
 6.3 ms of an XL guided sampling step (benchmarks/NOTES.md row 42). Here the GEMM's epilogue adds
 the bias and the residual tile and writes the sum, so the GEMM's own output is never written.
 
@@ -65,9 +65,9 @@ class Config:
 
 def default_config(depth: int, width: int) -> Config | None:
   """The tiling for K = depth, N = width, or None where the kernel does not apply (K not a
-  multiple of 32, N not of 16). N that is a multiple of 192 but not of 128 (DiMR-G's 576) takes 64 x 192 tiles
-  per warpgroup (no column wasted), everything else 128 x 128 (XL's 480: four tiles, the last one
-  a quarter empty)."""
+  multiple of 32, N not of 16). N that is a multiple of 192 but not of 128 (DiMR-G's 576) takes
+  64 x 192 tiles per warpgroup (no column wasted), everything else 128 x 128 (XL's 480: four
+  tiles, the last one a quarter empty)."""
   if depth % 32 or width % 16:
     return None
   tk = 64 if depth % 64 == 0 else 32

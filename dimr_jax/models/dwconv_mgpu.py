@@ -30,8 +30,8 @@ next step: NOTES row 44).
 Training takes it both ways: a custom VJP runs the data gradient through the same kernel (the
 transposed conv is the conv with the flipped kernel) and leaves the weight gradient to XLA
 (cuDNN). Measured on an H200 against the forward-only version (NOTES row 46, same call each):
-XL/2R training b128 420.1 -> 429.3 img/s, G/2R b64 204.1 -> 206.4. Needs an sm_90 GPU (``available``); :func:`plan` says which shapes it takes (else the
-caller keeps XLA's conv).
+XL/2R training b128 420.1 -> 429.3 img/s, G/2R b64 204.1 -> 206.4. Needs an sm_90 GPU
+(``available``); :func:`plan` says which shapes it takes (else the caller keeps XLA's conv).
 """
 from __future__ import annotations
 

@@ -340,7 +340,7 @@ class GegluMLP(PreNormSubBlock):
         g, rows = self._mgpu_hidden(x, tau)
         if self._fuses_residual(x, g.shape[0]):
           return self._w2_residual(g, x)
-        out = self.w2(g)[:rows].reshape(x.shape[:-1] + (self.w2.kernel.shape[-1],))
+        out = self._w2_rows(g, rows, x.shape[:-1])
       return x + out
     if self._fuses_residual(x, math.prod(x.shape[:-1])):
       with jax.named_scope(self._scope):
@@ -381,7 +381,11 @@ class GegluMLP(PreNormSubBlock):
     residual add instead of copying the wide hidden activation. A shared time's norm scale is one
     (1, C) row, so the norm works on flat rows."""
     g, rows = self._mgpu_hidden(x, tau)
-    return self.w2(g)[:rows].reshape(*x.shape[:-1], self.w2.kernel.shape[-1])
+    return self._w2_rows(g, rows, x.shape[:-1])
+
+  def _w2_rows(self, g: Array, rows: int, lead: tuple[int, ...]) -> Array:
+    """w2 on the kernel's padded rows, then the real ``rows`` back in x's leading shape."""
+    return self.w2(g)[:rows].reshape(*lead, self.w2.kernel.shape[-1])
 
   def _mgpu_hidden(self, x: Array, tau: Array) -> tuple[Array, int]:
     """norm -> GEMM + GEGLU kernel: the hidden activation as padded rows, and the real rows."""
