@@ -74,8 +74,8 @@ def main():
   flops = 2 * args.rows * args.depth * args.width
   ref = jax.jit(xla)(h, w, b, r).astype(jnp.float32)
   print(f"{jax.devices()[0].device_kind} r + (h @ W + b): h ({args.rows}, {args.depth}), "
-        f"W ({args.depth}, {args.width}), bf16; per application of {args.layers} chained in one jit",
-        flush=True)
+        f"W ({args.depth}, {args.width}), bf16; per application of {args.layers} chained in one "
+        "jit", flush=True)
 
   def measure(name, f):
     try:

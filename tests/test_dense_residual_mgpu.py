@@ -1,5 +1,5 @@
-"""The Mosaic GPU GEMM with bias + residual epilogue: shape logic and CUDA lowering here, the model's
-use of it with the kernel faked, its numbers on a GPU.
+"""The Mosaic GPU GEMM with bias + residual epilogue: shape logic and CUDA lowering here, the
+model's use of it with the kernel faked, its numbers on a GPU.
 
 The GPU tests run where the default device is a Hopper GPU
 (``JAX_PLATFORMS=cuda python -m pytest tests/test_dense_residual_mgpu.py``; needs an H100/H200).

@@ -3,9 +3,10 @@
 The ConvNeXt blocks' MLPs end in ``x + w2(g)``. XLA leaves that add as a pass of its own: cuBLAS
 could take ``x`` as the GEMM's addend only by writing over it, and ``x`` is still read by the
 block's norm; the next op, the depthwise-conv kernel (a custom call), cannot fuse it either. The
-pass reads two (B*H*W, C) bf16 tensors and writes one: 0.31 ms per block at DiMR-XL's sampling shape,
-6.3 ms of an XL guided sampling step (benchmarks/NOTES.md row 42). Here the GEMM's epilogue adds
-the bias and the residual tile and writes the sum, so the GEMM's own output is never written.
+pass reads two (B*H*W, C) bf16 tensors and writes one: 0.31 ms per block at DiMR-XL's sampling
+shape, 6.3 ms of an XL guided sampling step (benchmarks/NOTES.md row 42). Here the GEMM's
+epilogue adds the bias and the residual tile and writes the sum, so the GEMM's own output is never
+written.
 
 The kernel is a Hopper GEMM built like :mod:`geglu_gemm_mgpu` (whose notes on Mosaic GPU apply):
 persistent CTAs walking the output tiles, one warpgroup issuing TMA copies of the h and W tiles into
