@@ -227,9 +227,7 @@ def dense_residual(h: Array, w: Array, b: Array, r: Array, cfg: Config | None = 
   path rounds (the GEMM, its bias add and the residual add each to bf16)."""
   lead, depth = h.shape[:-1], h.shape[-1]
   width = w.shape[-1]
-  rows = 1
-  for s in lead:
-    rows *= s
+  rows = math.prod(lead)
   if r.shape != (*lead, width):
     raise ValueError(f"dense_residual_mgpu: residual {r.shape} does not fit the output "
                      f"{(*lead, width)}")
