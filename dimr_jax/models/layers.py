@@ -413,8 +413,11 @@ class GegluMLP(PreNormSubBlock):
     return geglu_kernel.geglu(h01, b01, impl=self.geglu_impl)
 
 
-PALLAS_OPS = ("dense_residual_mgpu", "dwconv", "dwconv_mgpu", "geglu", "geglu_gemm",
-              "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
+PALLAS_OPS = ("dense_residual_mgpu", "dwconv", "dwconv_mgpu", "feature_stats", "geglu",
+              "geglu_gemm", "geglu_gemm_mgpu", "geglu_gemm_narrow", "rmsnorm", "rmsnorm_bwd")
+# 'feature_stats': the features handed to the next stage (concatenation) and their per-token
+# layer-norm statistics for its folded upsampler norm in one Pallas pass, where the time is
+# batch-shared (sampling; feature_stats_kernel.py).
 # 'dwconv_mgpu': the ConvNeXt block's x + b + dwconv(x) as a Mosaic GPU (Hopper) kernel staged in
 # shared memory (dwconv_mgpu.py), forward and data gradient (XLA's weight gradient), bf16 models.
 # 'dense_residual_mgpu': the ConvNeXt MLPs' w2 GEMM with its bias and the residual add in the
