@@ -19,6 +19,12 @@ times L chained applications (x -> f(x)) in one jit and reports the time per app
 launch overhead does not hide a fraction-of-a-millisecond kernel.
 
     python benchmarks/dwconv.py --residual --tune --batch=250 --dim=480 --layers=10
+
+``--mgpu`` times the Mosaic GPU kernel (``dwconv_mgpu.py``) instead, at ';'-separated launch
+shapes ``auto`` or ``cb:rows``, each optionally suffixed ``:0`` (the plain launch) or ``:1`` (the
+persistent one; unsuffixed: the module's default); the ``auto`` ones also forward+backward:
+
+    python benchmarks/dwconv.py --residual --batch=250 --dim=480 --layers=10 --mgpu='auto:0;auto:1'
 """
 import argparse
 import functools
@@ -30,8 +36,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dimr_jax.models import dwconv_kernel, dwconv_mgpu  # noqa: E402
 from timing import median_ms  # benchmarks/timing.py
+
+from dimr_jax.models import dwconv_kernel, dwconv_mgpu
+
+MGPU_SPEC = re.compile(r"(auto|(\d+):(\d+))(?::([01]))?")  # --mgpu's launch shapes
 
 
 def shifts(x, w):
@@ -87,11 +96,13 @@ def main():
                  help="with --residual: time L chained applications in one jit, report per one")
   p.add_argument("--mgpu", default="",
                  help="with --residual: time the Mosaic GPU kernel (dwconv_mgpu.py) instead of the "
-                      "Triton ones, at these ';'-separated launch shapes 'cb:rows' or 'auto'")
+                      "Triton ones, at these ';'-separated launch shapes 'cb:rows' or 'auto', "
+                      "each optionally ':0' (plain) or ':1' (persistent launch)")
   args = p.parse_args()
   for spec in filter(None, args.mgpu.split(";")):
-    if spec != "auto" and not re.fullmatch(r"\d+:\d+", spec):
-      p.error(f"bad --mgpu launch shape {spec!r}: want 'cb:rows' (e.g. 8:16) or 'auto'")
+    if not MGPU_SPEC.fullmatch(spec):
+      p.error(f"bad --mgpu launch shape {spec!r}: want 'cb:rows' (e.g. 8:16) or 'auto', "
+              "optionally ':0' (plain) or ':1' (persistent), e.g. 8:16:1 or auto:1")
   if args.residual:
     return residual(args)
   dt = jnp.bfloat16
@@ -99,7 +110,7 @@ def main():
   x = jax.random.normal(k[0], (args.batch, args.side, args.side, args.dim), dt)
   w = jax.random.normal(k[1], (7, 7, args.dim), dt)
   g = jax.random.normal(k[2], x.shape, dt)
-  nchw = lambda a: a.transpose(0, 3, 1, 2)  # noqa: E731
+  nchw = lambda a: a.transpose(0, 3, 1, 2)
   # name -> (fn, input transform, output transform back to NHWC)
   impls = {"depthwise NHWC": (depthwise, None)}
   impls["depthwise NCHW"] = (lambda x, w: depthwise(x, w, "NCHW"), nchw)
@@ -182,7 +193,7 @@ def residual(args):
         line += f"  fwd+bwd {median_ms(grad, x, w, b, g) / n_layers:7.3f} ms"
       print(line, flush=True)
       return ms
-    except Exception as e:  # a tiling Triton rejects: report and go on with the sweep
+    except Exception as e:  # noqa: BLE001 - a tiling Triton rejects: report, go on with the sweep
       print(f"{name:44s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
       return None
 
@@ -201,10 +212,12 @@ def residual(args):
     return
   if args.mgpu:
     for spec in filter(None, args.mgpu.split(";")):
-      cb, rows = (None, None) if spec == "auto" else (int(v) for v in spec.split(":"))
-      pl_ = dwconv_mgpu.plan(x.shape, 7, cb=cb, rows=rows)
-      run = functools.partial(dwconv_mgpu.dwconv_residual, cb=cb, rows=rows)
-      measure(f"mgpu {spec} -> {pl_}", run, bwd=spec == "auto")
+      _, cb, rows, pers = MGPU_SPEC.fullmatch(spec).groups()
+      kw = {"cb": None if cb is None else int(cb), "rows": None if rows is None else int(rows),
+            "persistent": None if pers is None else pers == "1"}
+      pl_ = dwconv_mgpu.plan(x.shape, 7, **kw)
+      run = functools.partial(dwconv_mgpu.dwconv_residual, **kw)
+      measure(f"mgpu {spec} -> {pl_}", run, bwd=spec.startswith("auto"))
     return
 
   def label(t):

@@ -464,10 +464,9 @@ class DiMR(nnx.Module):
     scan_unroll: ``unroll`` of the per-stage block scans; None = fully unrolled on CPU/GPU (fastest
       steps), a rolled loop on TPU (short compiles on pods).
     pallas_ops: which ops run as Pallas kernels ('auto': those measured faster inside the model,
-      ``layers.auto_pallas_ops()``: the GEGLU pass on GPU in 16-bit, and on a Hopper GPU the
-      Mosaic GPU GEMM + GEGLU for sampling and the shared-memory depthwise conv; '': none; or a
-      comma list, see
-      ``layers.resolve_pallas_ops``).
+      ``layers.auto_pallas_ops()``: the GEGLU pass and (sampling) the features' statistics on GPU
+      in 16-bit, and on a Hopper GPU the Mosaic GPU GEMM + GEGLU for sampling and the
+      shared-memory depthwise conv; '': none; or a comma list, see ``layers.resolve_pallas_ops``).
   """
 
   def __init__(self, spec: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: str = "none",

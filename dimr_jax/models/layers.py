@@ -432,7 +432,8 @@ PALLAS_OPS = ("dense_residual_mgpu", "dwconv", "dwconv_mgpu", "feature_stats", "
 # 'geglu_gemm_narrow': the fused GEMM + GEGLU kernel only in MLPs narrower than this (the
 # ConvNeXt stages): at K = 480 it beat cuBLAS + the GEGLU pass, at K = 960 it lost (NOTES row 26).
 GEGLU_GEMM_NARROW_BELOW = 768
-AUTO_PALLAS_OPS = ("geglu",)  # the ones measured faster in the model (benchmarks/NOTES.md)
+AUTO_PALLAS_OPS = ("feature_stats", "geglu")  # measured faster in the model (benchmarks/NOTES.md)
+# 'feature_stats' (NOTES row 47): G/2R guided sampling +2.1% on an H200 (335.8 -> 342.7).
 # ... plus, on a Hopper GPU, the Mosaic GPU GEMM + GEGLU for sampling (NOTES row 38: XL +4.5%,
 # G +5.5% guided sampling; it adds ~80-120 s to a sampling step's compile).
 # ... and the shared-memory depthwise conv (NOTES row 43: XL +4.1%, G +3.4% guided sampling; its
