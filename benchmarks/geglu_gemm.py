@@ -59,7 +59,8 @@ def cupti_ms(f, *args, steps=20):
 def parse_mgpu(spec, depth, hidden):
   """'tm,tn,tk,stages[,width[,minor_n]][,key=value...]' -> Config ('default' = Config(),
   'auto,key=value' = default_config with those fields replaced); keys are Config's other fields
-  (delay_release, chain_tiles, epi_chunks, out_slots, cluster_m)."""
+  (delay_release, chain_tiles, epi_chunks, out_slots, cluster_m, round_like_unfused,
+  pingpong)."""
   import dataclasses
   toks = spec.split(",")
   kw = {k: int(v) for k, v in (t.split("=") for t in toks if "=" in t)}
@@ -112,7 +113,9 @@ def main():
           f"{f' dr{cfg.delay_release}' if cfg.delay_release else ''}"
           f"{' chain' if cfg.chain_tiles else ''}"
           f"{f' epi{cfg.epi_chunks}' if cfg.epi_chunks > 1 else ''}"
-          f"{' cluster-M' if cfg.cluster_m else ''}"] = functools.partial(
+          f"{' cluster-M' if cfg.cluster_m else ''}"
+          f"{'' if cfg.round_like_unfused else ' 1-round'}"
+          f"{' pingpong' if cfg.pingpong else ''}"] = functools.partial(
               geglu_gemm_mgpu.geglu_gemm, cfg=cfg)
   if args.mgpu_no_gelu:  # the epilogue's cost: time the same kernels with gelu = identity
     for name in [n for n in impls if n.startswith("mgpu")]:

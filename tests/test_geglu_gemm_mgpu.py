@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from flax import nnx
@@ -102,6 +103,37 @@ def test_variants_lower_for_cuda(fields):
   assert "mosaic_gpu" in text.lower()
 
 
+def test_single_rounding_epilogue_lowers_for_cuda():
+  x, w01, b01, _ = _inputs(4112, 1152, 2304)
+  cfg = dataclasses.replace(gm.default_config(1152, 2304), round_like_unfused=False)
+  text = lower_for_cuda_or_skip(lambda x, w, b: gm.geglu_gemm(x, w, b, cfg), x, w01, b01)
+  assert "mosaic_gpu" in text.lower()
+
+
+# the ping-pong schedule (NOTES row 49): per-warpgroup tiles, so its own tilings
+PINGPONG = [dict(tile_m=128, tile_n=64, tile_k=32, stages=5),
+            dict(tile_m=64, tile_n=128, tile_k=64, stages=2)]
+
+
+@pytest.mark.parametrize("fields", PINGPONG, ids=str)
+@pytest.mark.parametrize("depth,hidden", [(1152, 2304), (576, 1152)])
+def test_pingpong_lowers_for_cuda(fields, depth, hidden):
+  x, w01, b01, _ = _inputs(4112, depth, hidden)
+  cfg = gm.Config(pingpong=True, **fields)
+  text = lower_for_cuda_or_skip(lambda x, w, b: gm.geglu_gemm(x, w, b, cfg), x, w01, b01)
+  assert "mosaic_gpu" in text.lower()
+
+
+def test_pingpong_errors_name_the_problem():
+  x, w01, b01, _ = _inputs(64, 1152, 2304)
+  with pytest.raises(ValueError, match="pingpong=True takes none of"):
+    gm._check(x, w01, b01, gm.Config(tile_m=64, tile_n=128, pingpong=True, chain_tiles=True))
+  with pytest.raises(ValueError, match="stages >= 2"):
+    gm._check(x, w01, b01, gm.Config(tile_m=64, tile_n=128, stages=1, pingpong=True))
+  with pytest.raises(ValueError, match="shared memory"):  # 2 rings x 3 stages of 128x64x64
+    gm._check(x, w01, b01, gm.Config(tile_m=128, tile_n=64, tile_k=64, stages=3, pingpong=True))
+
+
 def test_variant_errors_name_the_problem():
   x, w01, b01, _ = _inputs(64, 128, 128)
   with pytest.raises(ValueError, match="epi_chunks"):
@@ -121,6 +153,42 @@ def test_gpu_variants_equal_the_default_schedule(fields):
   want = np.asarray(gm.geglu_gemm(x, w01, b01, base), np.float32)
   got = np.asarray(gm.geglu_gemm(x, w01, b01, dataclasses.replace(base, **fields)), np.float32)
   np.testing.assert_array_equal(got, want)
+
+
+@on_hopper
+@pytest.mark.parametrize("fields", PINGPONG, ids=str)
+@pytest.mark.parametrize("depth,hidden", [(1152, 2304), (576, 1152), (960, 1920)])
+def test_gpu_pingpong_matches_the_default_schedule(fields, depth, hidden):
+  """The same epilogue on the same float32 sums (wgmma adds the K steps in order either way):
+  equal to the cooperative kernel up to the accumulation order of the 32- vs 64-wide K steps.
+  4112 rows: a partial last M tile and an odd tile count per CTA."""
+  x, w01, b01, _ = _inputs(4112, depth, hidden)
+  want = np.asarray(gm.geglu_gemm(x, w01, b01, gm.default_config(depth, hidden)), np.float32)
+  got = np.asarray(gm.geglu_gemm(x, w01, b01, gm.Config(pingpong=True, **fields)), np.float32)
+  assert np.isfinite(got).all()
+  # one bf16 ulp where a float32 sum in another order rounds the other way, nowhere more
+  np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+  assert np.mean(got != want) < 0.02
+
+
+@on_hopper
+@pytest.mark.parametrize("depth,hidden", [(960, 1920), (576, 1152)])
+def test_gpu_single_rounding_epilogue_is_closer_to_float32(depth, hidden):
+  """``round_like_unfused=False`` skips the two intermediate bf16 roundings: no longer the unfused
+  h, but at least as close to the float32 GEGLU of the same bf16 operands."""
+  x, w01, b01, _ = _inputs(4112, depth, hidden)
+  h01 = jnp.matmul(x.astype(jnp.float32), w01.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST) + b01.astype(jnp.float32)
+  h0, h1 = jnp.split(h01, 2, axis=-1)
+  exact = np.asarray(jax.nn.gelu(h0, approximate=False) * h1)
+  base = gm.default_config(depth, hidden)
+  err = {}
+  for flag in (True, False):
+    cfg = dataclasses.replace(base, round_like_unfused=flag)
+    got = np.asarray(gm.geglu_gemm(x, w01, b01, cfg), np.float32)
+    err[flag] = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  assert err[False] <= err[True] and err[False] < 4e-3, err
+  assert err[True] < 1e-2, err
 
 
 @on_hopper

@@ -97,6 +97,32 @@ class Config:
   # read from L2 once and multicast by TMA into both CTAs' shared memory (a CTA reads 1/3 fewer
   # bytes per step), the pair walking M tiles 2i and 2i+1 of one column block.
   cluster_m: bool = False
+  # Round like the unfused path (the GEMM result to the compute dtype, then the biased sum again,
+  # both halves) before the GELU, so the kernel's h is the unfused h but for the approximate
+  # exp/rsqrt. Off: the float32 accumulators plus the bias go straight into the GELU and only h
+  # is rounded (four float32 -> bf16 conversions fewer per output element, closer to the float32
+  # result; conversions issue at a quarter of the FMA rate, and the epilogue is not overlapped
+  # with the next tile's wgmma).
+  round_like_unfused: bool = True
+  # Ping-pong schedule (:func:`_call_pingpong`): each compute warpgroup walks tiles of its own
+  # (``tile_m`` x ``tile_n`` of h, a ring of ``stages`` K steps per warpgroup), so one warpgroup's
+  # epilogue runs while the other's wgmma keep the tensor cores busy; the cooperative default
+  # leaves them idle for the whole epilogue (~15-20% of the kernel at G's ConvNeXt shape).
+  pingpong: bool = False
+
+
+def _epilogue(a0: Array, a1: Array, b0: Array, b1: Array, cfg: Config, dt) -> Array:
+  """h from the float32 accumulators of x W0, x W1 and the bias chunks (float32, broadcast over
+  rows), rounded as :attr:`Config.round_like_unfused` says."""
+  f32 = jnp.float32
+  f0, f1 = a0, a1
+  if cfg.round_like_unfused:
+    f0, f1 = f0.astype(dt).astype(f32), f1.astype(dt).astype(f32)
+  f0 = f0 + lax.broadcast_in_dim(b0, f0.shape, (1,))
+  f1 = f1 + lax.broadcast_in_dim(b1, f1.shape, (1,))
+  if cfg.round_like_unfused:
+    f0, f1 = f0.astype(dt).astype(f32), f1.astype(dt).astype(f32)
+  return (_gelu(f0) * f1).astype(dt)
 
 
 def available() -> bool:
@@ -128,6 +154,17 @@ def _check(x: Array, w01: Array, b01: Array, cfg: Config) -> tuple[int, int, int
   if hidden % cfg.tile_n or depth % cfg.tile_k:
     raise ValueError(f"geglu_gemm_mgpu: H={hidden} must be a multiple of tile_n={cfg.tile_n} and "
                      f"K={depth} of tile_k={cfg.tile_k}; use the Triton/XLA path for this shape")
+  if cfg.pingpong:
+    if cfg.delay_release or cfg.chain_tiles or cfg.cluster_m or cfg.epi_chunks != 1:
+      raise ValueError("geglu_gemm_mgpu: pingpong=True takes none of delay_release, chain_tiles, "
+                       "cluster_m, epi_chunks (its own schedule)")
+    if cfg.stages < 2:  # a K step's slot is released one step late
+      raise ValueError(f"geglu_gemm_mgpu: pingpong needs stages >= 2, got {cfg.stages}")
+    need = _pingpong_smem_bytes(hidden, cfg)
+    if need > SMEM_BYTES:
+      raise ValueError(f"geglu_gemm_mgpu: pingpong with tile {cfg.tile_m}x{cfg.tile_n}x"
+                       f"{cfg.tile_k} and {cfg.stages} stages per ring needs {need} bytes of "
+                       f"shared memory (> {SMEM_BYTES}); use fewer stages or a smaller tile_k")
   if x.dtype != jnp.bfloat16 or w01.dtype != x.dtype:
     raise ValueError(f"geglu_gemm_mgpu: bf16 operands only, got x {x.dtype}, w01 {w01.dtype}")
   return rows, depth, hidden
@@ -219,11 +256,7 @@ def _call(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
               cc = slice(c * ec, (c + 1) * ec)
               b0 = b_smem[pl.ds(n_idx * tn + c * ec, ec)].astype(f32)
               b1 = b_smem[pl.ds(hidden + n_idx * tn + c * ec, ec)].astype(f32)
-              f0 = (a0[:, cc].astype(dt).astype(f32)
-                    + lax.broadcast_in_dim(b0, (tm, ec), (1,))).astype(dt).astype(f32)
-              f1 = (a1[:, cc].astype(dt).astype(f32)
-                    + lax.broadcast_in_dim(b1, (tm, ec), (1,))).astype(dt).astype(f32)
-              h = (_gelu(f0) * f1).astype(dt)
+              h = _epilogue(a0[:, cc], a1[:, cc], b0, b1, cfg, dt)
               slot = c % out_slots
               # the store that last read this slot has finished reading it
               plgpu.wait_smem_to_gmem(out_slots - 1 if c else 0, wait_read_only=True)
@@ -255,13 +288,165 @@ def _call(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
   return f(x, w01, b01)
 
 
+SMEM_BYTES = 227 * 1024  # Hopper's largest dynamic shared memory per CTA
+
+
+def _pingpong_smem_bytes(hidden: int, cfg: Config) -> int:
+  stage = (cfg.tile_m * cfg.tile_k + 2 * cfg.tile_k * cfg.tile_n) * 2  # bf16 x, W0, W1 tiles
+  return 2 * cfg.stages * stage + 2 * cfg.tile_m * cfg.tile_n * 2 + 2 * hidden * 2 + 1024
+
+
+def _call_pingpong(x: Array, w01: Array, b01: Array, cfg: Config) -> Array:
+  """The ping-pong schedule: warpgroups 0 and 1 compute, 2 issues the TMA copies.
+
+  The CTA's output tiles (``lin = cta + j * num_ctas``) go alternately to compute warpgroup
+  ``j % 2``, each with its own ring of ``stages`` shared-memory slots (so every barrier is waited
+  on by one warpgroup only, which keeps Mosaic's per-thread phase bits right). The memory
+  warpgroup fills the rings in tile order; it reaches tile j+1 when tile j's last K steps are in
+  flight, so warpgroup (j+1) % 2 runs its K loop while warpgroup j % 2 is in its epilogue (the
+  overlap the cooperative schedule lacks). Each warpgroup holds (tile_m, tile_n) float32
+  accumulators of x W0 and of x W1 and keeps each K step's wgmma in flight while it waits for
+  the next step's tiles (a slot is released one step late, hence ``stages >= 2``); the epilogue
+  is :func:`_epilogue`, stored by TMA from the warpgroup's own shared-memory slot.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  rows, depth, hidden = _check(x, w01, b01, cfg)
+  dt = x.dtype
+  tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  m_iters, n_iters, k_iters = pl.cdiv(rows, tm), hidden // tn, depth // tk
+  n_tiles = m_iters * n_iters
+  num_ctas = getattr(jax.devices()[0], "core_count", 132)
+  per_cta = pl.cdiv(n_tiles, num_ctas)  # tiles of the busiest CTA (the others skip the last)
+  stages = cfg.stages
+  swizzle = plgpu.find_swizzle(tk * jnp.dtype(dt).itemsize * 8)
+  in_transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
+                   plgpu.SwizzleTransform(swizzle))
+  w_transforms = in_transforms  # as the cooperative kernel's W tiles
+  out_swizzle = plgpu.find_swizzle(tn * jnp.dtype(dt).itemsize * 8)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dt).itemsize)),
+                    plgpu.SwizzleTransform(out_swizzle))
+  compute_regs = 232  # (512 - 40) / 2 rounded down to a multiple of 8
+  memory_regs = 40
+
+  def tile_of(j):
+    lin = lax.axis_index("grid") + j * num_ctas
+    m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
+                                      cfg.grid_tile_width)
+    return lin < n_tiles, m_idx, n_idx
+
+  def kernel(x_gmem, w_gmem, b_gmem, out_gmem):
+    @functools.partial(
+        pl.run_scoped,
+        x_smem=plgpu.SMEM((2, stages, tm, tk), dt, transforms=in_transforms),
+        w0_smem=plgpu.SMEM((2, stages, tk, tn), dt, transforms=w_transforms),
+        w1_smem=plgpu.SMEM((2, stages, tk, tn), dt, transforms=w_transforms),
+        out_smem=plgpu.SMEM((2, tm, tn), dt, transforms=out_transforms),
+        b_smem=plgpu.SMEM((2 * hidden,), dt),
+        loaded=plgpu.Barrier(num_arrivals=3, num_barriers=2 * stages),
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=2 * stages),
+        b_barrier=plgpu.Barrier(num_barriers=1),
+        collective_axes="wg")
+    def _scope(x_smem, w0_smem, w1_smem, out_smem, b_smem, loaded, consumed, b_barrier):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 2)
+      def _memory():
+        plgpu.set_max_registers(memory_regs, action="decrease")
+        plgpu.copy_gmem_to_smem(b_gmem, b_smem, b_barrier.at[0],
+                                oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+
+        @pl.loop(0, per_cta)
+        def _tile(j):
+          valid, m_idx, n_idx = tile_of(j)
+          ring = lax.rem(j, 2)
+
+          @pl.when(valid)
+          def _():
+            @pl.loop(0, k_iters)
+            def _step(s):
+              use = lax.div(j, 2) * k_iters + s  # the ring's use count
+              slot = lax.rem(use, stages)
+              bar = ring * stages + slot
+
+              @pl.when(use >= stages)
+              def _():  # the warpgroup has finished reading this slot's previous use
+                plgpu.barrier_wait(consumed.at[bar])
+
+              ks = pl.ds(s * tk, tk)
+              plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(m_idx * tm, tm), ks],
+                                      x_smem.at[ring, slot], loaded.at[bar])
+              plgpu.copy_gmem_to_smem(w_gmem.at[ks, pl.ds(n_idx * tn, tn)],
+                                      w0_smem.at[ring, slot], loaded.at[bar])
+              plgpu.copy_gmem_to_smem(w_gmem.at[ks, pl.ds(hidden + n_idx * tn, tn)],
+                                      w1_smem.at[ring, slot], loaded.at[bar])
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(compute_regs, action="increase")
+        plgpu.barrier_wait(b_barrier.at[0])
+
+        @pl.loop(0, pl.cdiv(per_cta, 2))
+        def _tile(i):
+          j = 2 * i + wg
+          valid, m_idx, n_idx = tile_of(j)
+
+          @pl.when(jnp.logical_and(valid, j < per_cta))
+          def _():
+            @functools.partial(pl.run_scoped, acc0=plgpu.ACC((tm, tn), jnp.float32),
+                               acc1=plgpu.ACC((tm, tn), jnp.float32))
+            def _accs(acc0, acc1):
+              use0 = i * k_iters  # this warpgroup's ring uses before this tile
+
+              @pl.loop(0, k_iters)
+              def _step(s):
+                slot = lax.rem(use0 + s, stages)
+                plgpu.barrier_wait(loaded.at[wg * stages + slot])
+                plgpu.wgmma(acc0, x_smem.at[wg, slot], w0_smem.at[wg, slot])
+                plgpu.wgmma(acc1, x_smem.at[wg, slot], w1_smem.at[wg, slot])
+                # this step's two wgmma groups stay in flight (a warpgroup mostly runs its K loop
+                # alone, so waiting for them would leave the tensor cores idle at every step);
+                # the previous step's are done, so its slot goes back to the memory warpgroup
+                plgpu.wgmma_wait(2)
+
+                @pl.when(s > 0)
+                def _():
+                  plgpu.barrier_arrive(consumed.at[wg * stages + lax.rem(use0 + s - 1, stages)])
+
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(consumed.at[wg * stages + lax.rem(use0 + k_iters - 1, stages)])
+
+              f32 = jnp.float32
+              b0 = b_smem[pl.ds(n_idx * tn, tn)].astype(f32)
+              b1 = b_smem[pl.ds(hidden + n_idx * tn, tn)].astype(f32)
+              h = _epilogue(acc0[...], acc1[...], b0, b1, cfg, dt)
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read the slot
+              out_smem[wg] = h
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                      out_gmem.at[pl.ds(m_idx * tm, tm), pl.ds(n_idx * tn, tn)])
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((rows, hidden), dt),
+      grid=(num_ctas,), grid_names=("grid",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                           approx_math=True))
+  return f(x, w01, b01)
+
+
+def _run(x, w01, b01, cfg):
+  return (_call_pingpong if cfg.pingpong else _call)(x, w01, b01, cfg)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _geglu_gemm(x, w01, b01, cfg):
-  return _call(x, w01, b01, cfg)
+  return _run(x, w01, b01, cfg)
 
 
 def _fwd(x, w01, b01, cfg):
-  return _call(x, w01, b01, cfg), (x, w01, b01)
+  return _run(x, w01, b01, cfg), (x, w01, b01)
 
 
 def _bwd(cfg, res, g):
